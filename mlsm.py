@@ -1,0 +1,1076 @@
+"""mlsm.py -- Masked Latent Semantic Modeling (MLSM) in one readable file.
+
+Train a masked-LM teacher, turn its hidden states into sparse "latent concepts", pretrain a
+student to predict the concepts of masked tokens, then freeze the student and fit a linear token
+head on its concept logits.
+
+Stages (each saves its output under --out; a re-run skips finished stages and resumes training):
+  1. tokenizer   byte-level BPE trained on the corpus                  -> tokenizer.json
+  2. data        token ids packed into [CLS] ... [SEP] rows            -> train_ids.npy, dev_ids.npy
+  3. teacher     a BERT-style encoder trained with masked LM (MLM)     -> teacher.pt
+  4. concepts    a non-negative sparse dictionary over teacher states  -> dictionary.npz
+  5. student     MLSM: predict the teacher's concept distribution      -> student.pt
+  6. head        frozen student + linear layer concepts -> tokens      -> head.pt
+  7. report      dev MLM loss/accuracy, dictionary quality, times      -> results.json
+
+Papers:
+  G. Berend. Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
+    Language Modeling. Findings of ACL 2023.
+  G. Berend. Better Together: Jointly Using Masked Latent Semantic Modeling and Masked Language
+    Modeling for Sample Efficient Pre-training. BabyLM Challenge 2023.
+  G. Berend. Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training.
+    BabyLM Challenge 2024 (the frozen-backbone token head of stage 6).
+
+Run:
+  pip install -r requirements.txt
+  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded)
+  python mlsm.py --preset cpu --data ../shared/data/babylm_sample   # a CPU, about 30 minutes
+  python mlsm.py --preset tiny --data some.txt                      # smoke run, seconds
+  python mlsm.py --help               # every option
+
+Measured and estimated times per stage are in README.md.
+
+Deliberately left out: multi-GPU training, 80/10/10 masking, whole-word masking, sentence-pair
+pretraining objectives, Hugging Face export.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# Letters used in shape comments:
+#   B batch, T tokens per row, C model width, H heads, V vocabulary, K concepts,
+#   M masked positions in a batch, N rows of a matrix (states, codes).
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: one dataclass; the command line is generated from its fields
+# ---------------------------------------------------------------------------------------------
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    preset: str = opt("laptop", "laptop (GPU, full 10M words), cpu (about 30 min on 2 cores), tiny (smoke)")
+    data: str = opt("data/babylm_10M", "directory of *.train / *.txt files (*.dev or a dev/ folder = "
+                    "dev split) or one text file; the default is downloaded when missing")
+    out: str = opt("", "run directory for every artifact (default: runs/<preset>)")
+    fresh: bool = opt(False, "delete this run's artifacts in --out and start again")
+    seed: int = opt(0, "seed for initialisation, batches and masks")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
+    compile: bool = opt(False, "torch.compile the encoders (checkpoints stay uncompiled)")
+    # tokenizer and data
+    vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
+    seq_len: int = opt(128, "tokens per training row, [CLS] and [SEP] included")
+    dev_fraction: float = opt(0.02, "share of each file held out as dev when the corpus has no dev files")
+    # encoder (teacher and student are the same size)
+    d_model: int = opt(512, "model width")
+    n_layers: int = opt(8, "transformer blocks")
+    n_heads: int = opt(8, "attention heads")
+    dropout: float = opt(0.1, "dropout in the encoder")
+    # training (AdamW, 1%% linear warmup, linear decay, gradient clipping as in the original)
+    batch_size: int = opt(128, "rows per training step")
+    lr: float = opt(5e-4, "peak learning rate of teacher and student (the original: 1e-4 for BERT-base)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    warmup: float = opt(0.01, "share of steps with linear warmup")
+    clip: float = opt(1.0, "gradient-norm clipping")
+    mask_rate: float = opt(0.15, "share of non-special tokens replaced by [MASK]")
+    teacher_steps: int = opt(10000, "teacher MLM training steps")
+    student_steps: int = opt(20000, "MLSM student training steps")
+    head_steps: int = opt(2000, "frozen-backbone token head training steps")
+    head_lr: float = opt(1e-3, "peak learning rate of the token head")
+    # concepts
+    n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
+    lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
+    teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
+    dict_tokens: int = opt(200_000, "teacher states the dictionary is learned from (the original: ~1M)")
+    dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
+    center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
+    mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    # evaluation and logging
+    eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
+    log_every: int = opt(50, "steps between loss readouts (the only host syncs in the loop)")
+    ckpt_every: int = opt(500, "steps between resumable checkpoints")
+
+
+# Presets only change sizes; every field can still be set on the command line.
+PRESETS = {
+    "laptop": {},
+    # Sized on the 2-core CPU this project is developed on: about 30 minutes on the 3.15M-word sample.
+    "cpu": dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0, batch_size=32, lr=1e-3,
+                teacher_steps=600, student_steps=600, head_steps=300, n_concepts=1024,
+                dict_tokens=32_000, eval_rows=256, ckpt_every=100),
+    # Seconds, for smoke runs and tests.
+    "tiny": dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0,
+                 batch_size=64, lr=1e-3, teacher_steps=100, student_steps=100, head_steps=100,
+                 head_lr=1e-2, n_concepts=64, dict_tokens=4000, eval_rows=64, log_every=10,
+                 ckpt_every=50),
+}
+
+# Fields that do not change any artifact, so a run directory may be reused when only they differ.
+RUN_ONLY = {"out", "fresh", "device", "compile", "log_every", "ckpt_every"}
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line, without a traceback."""
+
+
+def parse_config(argv=None):
+    """Command line -> Config: preset values first, then the flags given explicitly."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, **kw)
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.out = cfg.out or f"runs/{preset}"
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    problems = []
+    if not 0 < cfg.mask_rate < 1:
+        problems.append(f"--mask_rate must be in (0, 1), got {cfg.mask_rate}")
+    if cfg.n_concepts < 1:
+        problems.append(f"--n_concepts must be at least 1, got {cfg.n_concepts}")
+    if cfg.vocab_size < N_SPECIAL + 256:
+        problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
+    if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
+        problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
+    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens",
+                 "eval_rows", "log_every", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.seq_len < 3:
+        problems.append("--seq_len must be at least 3 ([CLS], one token, [SEP])")
+    if cfg.d_model % max(cfg.n_heads, 1):
+        problems.append(f"--d_model ({cfg.d_model}) must be divisible by --n_heads ({cfg.n_heads})")
+    for name in ("lr", "head_lr", "lam"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name, lo, hi in (("dropout", 0, 1), ("dev_fraction", 0, 1), ("warmup", 0, 1)):
+        if not lo <= getattr(cfg, name) < hi:
+            problems.append(f"--{name} must be in [{lo}, {hi}), got {getattr(cfg, name)}")
+    if cfg.mlm_weight < 0 or cfg.weight_decay < 0 or cfg.clip <= 0:
+        problems.append("--mlm_weight and --weight_decay must be >= 0, --clip > 0")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, loads that fail with a clear message
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place.
+
+    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
+    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def load(path, reader):
+    """Read an artifact with `reader`; a damaged file becomes a UserError that says what to do."""
+    try:
+        return reader(path)
+    except Exception as e:  # torch, numpy and json raise many different types for a bad file
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"delete it, or re-run with --fresh") from None
+
+
+def load_torch(path):
+    return load(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+
+
+def load_json(path):
+    return load(path, lambda p: json.loads(Path(p).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: the corpus -- download, find the text files, read them robustly
+# ---------------------------------------------------------------------------------------------
+
+CORPUS_URL = "https://osf.io/download/5mk3x/"  # BabyLM 2024 strict-small, train_10M.zip
+CORPUS_MD5 = "dc67e5d2db96ed4f76cb072e2504a18c"
+CORPUS_BYTES = 18_139_949
+
+
+def download_corpus(dest, url=CORPUS_URL, md5=CORPUS_MD5):
+    """Download a zip of *.train files, check its md5, and unpack it atomically to `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    manual = (f"download {url} by hand, check that its md5 is {md5}, unzip it, and pass the "
+              f"folder with the *.train files as --data (or move it to {dest})")
+    part = dest.with_name(dest.name + ".zip.part")
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+        part.unlink(missing_ok=True)
+        raise UserError(f"could not download the corpus ({e}); {manual}") from None
+    if digest.hexdigest() != md5:
+        part.unlink()
+        raise UserError(f"the download is damaged (md5 {digest.hexdigest()}, expected {md5}); {manual}")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        try:
+            with zipfile.ZipFile(part) as z:
+                z.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise UserError(f"the download is not a valid zip ({e}); {manual}") from None
+        roots = sorted({p.parent for p in Path(tmp).rglob("*.train")})
+        if not roots:
+            raise UserError(f"the archive holds no *.train files; {manual}")
+        os.replace(roots[0], dest)  # subtle: a rename, so `dest` never exists half-unpacked
+    part.unlink()
+
+
+def find_corpus(path):
+    """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
+    path = Path(path)
+    if path.is_file():
+        return [path], []
+    if not path.is_dir():
+        raise UserError(f"--data {path} does not exist; give a text file or a folder of *.train / *.txt files")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".train", ".txt", ".dev"))
+    dev = [p for p in files if p.suffix == ".dev" or "dev" in p.relative_to(path).parts[:-1]]
+    train = [p for p in files if p not in dev]
+    if not train:
+        raise UserError(f"--data {path} holds no *.train or *.txt files")
+    return train, dev
+
+
+def read_text(path):
+    """One file -> its non-blank lines joined by newlines.
+
+    Universal newlines turn CRLF into LF; invalid UTF-8 bytes become U+FFFD instead of crashing;
+    files that are one multi-megabyte line (as in the BabyLM sample) need nothing special."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "\n".join(line.rstrip("\n") for line in f if line.strip())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: byte-level BPE tokenizer
+# ---------------------------------------------------------------------------------------------
+
+SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, CLS, SEP, MASK = range(4)
+N_SPECIAL = len(SPECIALS)  # byte b has id N_SPECIAL + b; merged tokens follow from N_SPECIAL + 256
+
+# Text is first split into pre-tokens (a word with its leading space, a number, a run of
+# punctuation, whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives
+# cover every character, so concatenating the pre-tokens gives back the text exactly.
+PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
+
+
+def merge_pair(ids, pair, new_id):
+    """Replace every non-overlapping occurrence of `pair`, left to right, by `new_id`."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+class Tokenizer:
+    def __init__(self, merges):
+        self.merges = [tuple(p) for p in merges]
+        self.rank = {p: N_SPECIAL + 256 + i for i, p in enumerate(self.merges)}  # pair -> new id
+        self.bytes = [s.encode() for s in SPECIALS] + [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            self.bytes.append(self.bytes[a] + self.bytes[b])
+        self.cache = {}
+
+    @property
+    def vocab_size(self):
+        return len(self.bytes)
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Learn merges until the vocabulary has vocab_size entries (or no pair occurs twice).
+
+        Incremental: pair counts are kept up to date by touching only the words that contain the
+        merged pair, and a heap with lazy deletion finds the most frequent pair, so each merge
+        costs time in proportion to the words it changes, not to the corpus."""
+        counts = Counter()
+        for text in texts:
+            counts.update(PRETOKEN.findall(text))
+        words = [[N_SPECIAL + b for b in w.encode("utf-8", "surrogatepass")] for w in counts]
+        freqs = list(counts.values())
+        pairs, where = Counter(), defaultdict(set)  # pair -> count, pair -> indices of words
+        for i, w in enumerate(words):
+            for p in zip(w, w[1:]):
+                pairs[p] += freqs[i]
+                where[p].add(i)
+        # Ties go to the smallest pair of ids, so training is deterministic.
+        heap = [(-c, p) for p, c in pairs.items()]
+        heapq.heapify(heap)
+        merges = []
+        for new_id in tqdm(range(N_SPECIAL + 256, vocab_size), desc="BPE merges", mininterval=1):
+            while heap:
+                c, best = heapq.heappop(heap)
+                if -c == pairs.get(best, 0):  # subtle: skip entries left behind by count changes
+                    break
+            else:
+                break
+            if -c < 2:
+                break
+            merges.append(best)
+            changed = set()
+            for i in where.pop(best):
+                w = words[i]
+                new = merge_pair(w, best, new_id)
+                if len(new) == len(w):  # the word lost this pair in an earlier merge
+                    continue
+                for p in zip(w, w[1:]):
+                    pairs[p] -= freqs[i]
+                    changed.add(p)
+                for p in zip(new, new[1:]):
+                    pairs[p] += freqs[i]
+                    where[p].add(i)
+                    changed.add(p)
+                words[i] = new
+            for p in changed:
+                if pairs[p] > 0:
+                    heapq.heappush(heap, (-pairs[p], p))
+        return cls(merges)
+
+    def encode_word(self, word):
+        """One pre-token -> ids, applying merges in the order they were learned."""
+        ids = self.cache.get(word)
+        if ids is None:
+            ids = [N_SPECIAL + b for b in word.encode("utf-8", "surrogatepass")]
+            while len(ids) > 1:
+                pair = min(zip(ids, ids[1:]), key=lambda p: self.rank.get(p, math.inf))
+                if pair not in self.rank:
+                    break
+                ids = merge_pair(ids, pair, self.rank[pair])
+            self.cache[word] = ids
+        return ids
+
+    def encode(self, text):
+        return [i for w in PRETOKEN.findall(text) for i in self.encode_word(w)]
+
+    def decode(self, ids):
+        data = b"".join(self.bytes[i] for i in ids)
+        try:  # surrogatepass: even a str holding lone surrogates survives encode -> decode
+            return data.decode("utf-8", errors="surrogatepass")
+        except UnicodeDecodeError:  # ids that split a character, e.g. one token shown alone
+            return data.decode("utf-8", errors="replace")
+
+    def save(self, path):
+        save_json(path, {"merges": self.merges})
+
+    @classmethod
+    def load(cls, path):
+        return cls(load_json(path)["merges"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: token ids packed into fixed-length rows, and masking
+# ---------------------------------------------------------------------------------------------
+
+
+def pack(ids, seq_len):
+    """A token stream (n,) -> rows (N, T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
+    a row is dropped."""
+    body = seq_len - 2
+    n = len(ids) // body
+    rows = np.asarray(ids[: n * body]).reshape(n, body)  # (N, T-2)
+    cls = np.full((n, 1), CLS, rows.dtype)
+    sep = np.full((n, 1), SEP, rows.dtype)
+    return np.concatenate([cls, rows, sep], axis=1)  # (N, T)
+
+
+def encode_corpus(cfg, tok, train_files, dev_files):
+    """Files -> (train rows, dev rows). Without dev files, the last dev_fraction of each train
+    file's tokens is held out, which is deterministic and keeps every source in both splits."""
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32  # halves the cache on disk
+    train, dev = [], []
+    for path in tqdm(train_files + dev_files, desc="encode"):
+        ids = np.array(tok.encode(read_text(path)), dtype=dtype)
+        if path in dev_files:
+            dev.append(ids)
+        elif dev_files:
+            train.append(ids)
+        else:
+            cut = len(ids) - math.ceil(cfg.dev_fraction * len(ids))
+            train.append(ids[:cut])
+            dev.append(ids[cut:])
+    empty = np.zeros(0, dtype)
+    return (pack(np.concatenate(train or [empty]), cfg.seq_len),
+            pack(np.concatenate(dev or [empty]), cfg.seq_len))
+
+
+def mask_tokens(ids, rate, gen):
+    """Select `rate` of the non-special tokens and replace them all by [MASK].
+
+    The original MLSM code replaces every selected token by [MASK] (no BERT 80/10/10); we follow it.
+    80/10/10 exists to soften the mismatch between pretraining and fine-tuning inputs, which
+    matters less here than staying comparable to the paper."""
+    sel = torch.rand(ids.shape, generator=gen, device=ids.device) < rate  # (B, T)
+    sel &= ids >= N_SPECIAL  # subtle: [CLS], [SEP] and [PAD] are never masked
+    return ids.masked_fill(sel, MASK), sel
+
+
+def step_seed(cfg, salt, step):
+    """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
+    resumed run draws exactly what the uninterrupted one would have."""
+    return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
+
+
+def get_batch(rows, cfg, salt, step, device):
+    """Random rows for one step -> (ids (B, T) on device, masked ids (B, T), selection (B, T))."""
+    seed = step_seed(cfg, salt, step)
+    idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
+    ids = torch.from_numpy(rows[idx].astype(np.int64))  # (B, T)
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        ids = ids.pin_memory()
+    ids = ids.to(device, non_blocking=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (ids, *mask_tokens(ids, cfg.mask_rate, gen))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: a pre-LayerNorm bidirectional transformer encoder (BERT-style)
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, C, H, dropout):
+        super().__init__()
+        self.H, self.dropout = H, dropout
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x, keep=None):
+        """x (B, T, C); keep (B, T) True for real tokens, False for padding, or None (no padding)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, C/H)
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T): which keys to attend to
+        # softmax(q k^T / sqrt(C/H) + mask) v; fused kernels (flash / memory-efficient) on GPU
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, C/H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, C, H, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn = SelfAttention(C, H, dropout)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(dropout))
+
+    def forward(self, x, keep=None):
+        x = x + self.attn(self.ln1(x), keep)  # pre-LN: normalise the input of each sub-layer
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads:
+    a token head tied to the input embeddings (MLM), and a concept head over K concepts (MLSM,
+    only when n_concepts > 0). Heads run on the hidden states of masked positions only."""
+
+    def __init__(self, vocab_size, seq_len, d_model, n_layers, n_heads, dropout=0.0, n_concepts=0):
+        super().__init__()
+        C = d_model
+        self.tok_emb = nn.Embedding(vocab_size, C)
+        self.pos_emb = nn.Embedding(seq_len, C)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(C, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(C)
+        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C))
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.concept_head = None
+        if n_concepts:
+            self.concept_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C), nn.Linear(C, n_concepts))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids, keep=None, layer=None):
+        """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f)."""
+        B, T = ids.shape
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
+        layer = len(self.blocks) if layer in (None, -1) else layer
+        for block in self.blocks[:layer]:
+            x = block(x, keep)
+        return self.ln_f(x) if layer == len(self.blocks) else x
+
+    def mlm_logits(self, h):
+        """h (M, C) -> token logits (M, V). subtle: the output matrix *is* tok_emb.weight (tied)."""
+        return self.mlm_transform(h) @ self.tok_emb.weight.T + self.mlm_bias
+
+    def concept_logits(self, h):
+        """h (M, C) -> concept logits (M, K)."""
+        return self.concept_head(h)
+
+
+def build_encoder(cfg, vocab_size, n_concepts=0):
+    return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
+
+
+def compiled(model, cfg):
+    """The module to call in training steps: torch.compile'd on request. It shares parameters
+    with `model`, whose state dict is the one saved, so checkpoints carry no `_orig_mod.` prefix."""
+    return torch.compile(model) if cfg.compile else model
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def mlm_loss(logits, targets):
+    """Masked-LM cross-entropy over the M masked positions only:
+    L_MLM = -1/M sum_m log softmax(logits_m)[target_m]."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def concept_kl(logits, target, valid):
+    """MLSM loss, the KL divergence from the teacher's concept distribution p to the student's q:
+    L_MLSM = 1/|valid| sum_{m in valid} sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
+    Rows whose code was all zero (no distribution) are `valid` False and left out.
+    logits (M, K), target (M, K) rows summing to 1 or 0, valid (M,) bool."""
+    logq = F.log_softmax(logits.float(), dim=-1)  # (M, K)
+    kl = (torch.xlogy(target, target) - target * logq).sum(-1)  # (M,); xlogy makes 0 log 0 = 0
+    return (kl * valid).sum() / valid.sum().clamp(min=1)  # no host sync, even with no valid row
+
+
+# ---------------------------------------------------------------------------------------------
+# One training loop for teacher, student and head: AdamW, warmup + linear decay, clipping,
+# bf16 autocast on CUDA, atomic checkpoints, exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def train(name, model, loss_fn, steps, lr, cfg, out, device):
+    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(step).
+
+    loss_fn(step) -> (loss, extras): extras are tensors summed over all steps (e.g. counters)
+    and returned as floats. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    warm = max(1, round(cfg.warmup * steps))
+    # lr factor: linear warmup over `warm` steps, then linear decay to zero at `steps`
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm)))
+    ckpt_path = Path(out) / f"{name}.ckpt.pt"
+    start, totals, elapsed = 0, {}, 0.0
+    if ckpt_path.exists():
+        ck = load_torch(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
+        print(f"{name}: resuming at step {start} of {steps}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    for step in bar:
+        model.train()
+        with autocast:
+            loss, extras = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        sched.step()
+        for k, v in extras.items():
+            totals[k] = totals.get(k, 0) + v.detach()
+        if (step + 1) % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # the only host sync of the step
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
+                      totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0)
+            atomic_write(ckpt_path, lambda f: torch.save(ck, f))
+    model.eval()
+    return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0
+
+
+def trained(name, model, loss_fn, steps, lr, cfg, out, device):
+    """Stage wrapper: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
+    path = Path(out) / f"{name}.pt"
+    if path.exists():
+        ck = load_torch(path)
+        model.load_state_dict(ck["model"])
+        model.eval()
+        return model, ck["info"]
+    totals, seconds = train(name, model, loss_fn, steps, lr, cfg, out, device)
+    info = {"totals": totals, "seconds": seconds}
+    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
+    (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the teacher, trained with masked LM
+# ---------------------------------------------------------------------------------------------
+
+
+def mlm_step(model, rows, cfg, salt, device):
+    """loss_fn for plain MLM: the model sees the masked input and predicts the original tokens."""
+    net = compiled(model, cfg)
+
+    def loss_fn(step):
+        ids, x, sel = get_batch(rows, cfg, salt, step, device)  # (B, T) each
+        h = net(x)[sel]  # (M, C): heads only at masked positions
+        return mlm_loss(model.mlm_logits(h), ids[sel]), {}
+    return loss_fn
+
+
+def train_teacher(cfg, rows, vocab_size, out, device):
+    teacher = build_encoder(cfg, vocab_size).to(device)
+    print(f"teacher: {count_params(teacher) / 1e6:.2f}M parameters")
+    return trained("teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), cfg.teacher_steps, cfg.lr,
+                   cfg, out, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: latent concepts -- a sparse dictionary over teacher states, and a torch sparse coder
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
+    """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows,
+    unmasked input. -> (states (N, C) float32 numpy, token ids (N,))."""
+    per_row = cfg.seq_len - 2
+    n_rows = min(len(rows), math.ceil(n_tokens / per_row))
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), n_rows, replace=False))
+    states, tokens = [], []
+    for i in range(0, n_rows, cfg.batch_size):
+        ids = torch.from_numpy(rows[idx[i:i + cfg.batch_size]].astype(np.int64)).to(device)  # (B, T)
+        h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1]  # (B, T-2, C): drop [CLS] and [SEP]
+        states.append(h.float().reshape(-1, h.shape[-1]).cpu())
+        tokens.append(ids[:, 1:-1].reshape(-1).cpu())
+    return torch.cat(states)[:n_tokens].numpy(), torch.cat(tokens)[:n_tokens].numpy()
+
+
+def normalise_states(h, mean):
+    """(N, C) -> rows with unit L2 norm, after subtracting `mean` (zeros when not centring).
+
+    Why centre (the original does not): teacher states are strongly anisotropic -- the mean of
+    normalised states has norm ~0.95 -- so uncentred, one direction dominates every code and the
+    sparse problems are badly conditioned (3-8x slower to solve; see README)."""
+    return F.normalize(h - mean, dim=-1)
+
+
+def learn_dictionary(X, cfg):
+    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows.
+    Objective (scikit-learn's, the same as the original code's), over codes A >= 0 and D:
+        min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
+                                     fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
+                                     random_state=cfg.seed)
+    dl.fit(X)
+    return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
+
+
+class SparseCoder:
+    """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch:
+        a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1            (one problem per row x)
+
+    The original code ran 100 FISTA iterations over all K atoms. Teacher states make these problems
+    badly conditioned (near-parallel atoms), so first-order methods stop far from the optimum (a 7%
+    objective gap after 100 FISTA iterations, see README). Codes have only ~10 non-zeros, so we use
+    the active-set method of Lawson & Hanson instead, batched over rows, which ends at the exact
+    solution. With G = D D^T and w = x D^T - lam - a G (the negative gradient):
+      1. if no atom outside the active set S has w_k > 0, a is optimal (the KKT conditions hold);
+      2. else add the atom with the largest w_k to S and solve G_SS z = (x D^T - lam)_S;
+      3. while some z_k <= 0: move a towards z until the first coefficient hits 0, drop it, re-solve.
+    Each row keeps S in `slots` slots (doubled when a row fills them); rows that are optimal leave
+    the batch, so the cost follows the number of non-zeros, not K."""
+
+    def __init__(self, D, lam, slots=16):
+        self.D, self.lam, self.slots = D, lam, slots  # D (K, C)
+        self.G = D @ D.T  # (K, K)
+
+    @torch.no_grad()
+    def encode(self, X):
+        """X (N, C) float32 -> codes A (N, K) >= 0."""
+        XD = X @ self.D.T  # (N, K)
+        A = torch.zeros_like(XD)
+        N, s = len(X), min(self.slots, len(self.D))
+        idx = torch.zeros(N, s, dtype=torch.long, device=X.device)  # (N, s) atom in each slot
+        on = torch.zeros(N, s, dtype=torch.bool, device=X.device)  # (N, s) slot in use
+        a = torch.zeros(N, s, device=X.device)  # (N, s) coefficient in each slot
+        live = torch.arange(N, device=X.device)  # rows not yet optimal
+        while True:
+            w = (XD[live] - self.lam - A[live] @ self.G).masked_fill(A[live] > 0, -math.inf)  # (n, K)
+            best, new = w.max(1)
+            keep = best > 1e-6  # subtle: the one host sync per added atom, the price of exactness
+            live, new = live[keep], new[keep]
+            if len(live) == 0:
+                return A
+            if on[live].all(1).any():  # some row's support fills its slots: double them
+                pad = lambda t: torch.cat([t, torch.zeros_like(t)], 1)
+                idx, on, a, s = pad(idx), pad(on), pad(a), 2 * s
+            Il, ol, al = idx[live], on[live], a[live]  # (n, s) each
+            free = (~ol).to(torch.int8).argmax(1)  # first free slot
+            rows = torch.arange(len(live), device=X.device)
+            Il[rows, free], ol[rows, free] = new, True
+            b = XD[live].gather(1, Il) - self.lam  # (n, s)
+            while True:
+                both = ol.unsqueeze(2) & ol.unsqueeze(1)  # (n, s, s)
+                Gs = torch.where(both, self.G[Il.unsqueeze(2), Il.unsqueeze(1)], torch.eye(s, device=X.device))
+                z = torch.linalg.solve(Gs, torch.where(ol, b, 0))  # (n, s): optimum on S, ignoring a >= 0
+                bad = ol & (z <= 0)
+                if not bad.any():
+                    break
+                ratio = torch.where(bad, al / (al - z), math.inf)  # how far a can move before a_k hits 0
+                step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1)
+                al = al + step * (z - al)
+                ol &= ~(bad & (ratio <= step))
+                al = torch.where(ol, al, 0)
+            idx[live], on[live], a[live] = Il, ol, torch.where(ol, z, 0)
+            A[live] = torch.zeros_like(A[live]).scatter_add_(1, Il, a[live])  # free slots add 0
+
+    def objective(self, X, A):
+        """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
+        return 0.5 * ((X - A @ self.D) ** 2).sum(-1) + self.lam * A.abs().sum(-1)
+
+
+def code_distribution(A):
+    """Codes A (N, K) >= 0 -> concept distributions p = a / ||a||_1 (N, K), and valid (N,) bool:
+    False where the code is all zero, which has no distribution."""
+    mass = A.sum(-1, keepdim=True)  # (N, 1)
+    return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0
+
+
+def dictionary_stats(coder, X):
+    """Quality of the dictionary on held-out normalised states X (N, C)."""
+    A = coder.encode(X)
+    err = ((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()
+    nnz = (A > 0).sum(-1).float()
+    return {"rel_error": float(err), "nonzeros": float(nnz.mean()), "zero_share": float((nnz == 0).float().mean())}
+
+
+def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
+    """Stage wrapper for the dictionary: -> (SparseCoder on device, mean state (C,), info)."""
+    path = Path(out) / "dictionary.npz"
+    if path.exists():
+        z = load(path, lambda p: dict(np.load(p)))
+        D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
+    else:
+        t0 = time.time()
+        H, _ = teacher_states(teacher, train_rows, cfg, cfg.dict_tokens, device, cfg.seed)
+        if len(H) < cfg.n_concepts:
+            raise UserError(f"only {len(H)} teacher states for {cfg.n_concepts} concepts; lower --n_concepts "
+                            f"or give more data")
+        H = torch.from_numpy(H)
+        mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])  # (C,)
+        print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
+        D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
+        Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
+        info = dictionary_stats(SparseCoder(D, cfg.lam), normalise_states(torch.from_numpy(Hd), mean))
+        info["seconds"] = time.time() - t0
+        atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
+    return SparseCoder(D.to(device), cfg.lam), mean.to(device), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: the MLSM student -- predict the teacher's concept distribution at masked positions
+# ---------------------------------------------------------------------------------------------
+
+
+def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
+    net = compiled(student, cfg)
+
+    def loss_fn(step):
+        ids, x, sel = get_batch(rows, cfg, 2, step, device)  # (B, T) each
+        with torch.no_grad():  # subtle: the teacher sees the *unmasked* input, as in the original
+            h_t = teacher(ids, layer=cfg.teacher_layer)[sel].float()  # (M, C)
+            p, valid = code_distribution(coder.encode(normalise_states(h_t, mean)))  # (M, K), (M,)
+        h = net(x)[sel]  # (M, C)
+        loss = concept_kl(student.concept_logits(h), p, valid)
+        if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
+            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), ids[sel])
+        return loss, {"masked": sel.sum(), "zero_codes": (~valid).sum()}
+    return loss_fn
+
+
+def train_student(cfg, teacher, coder, mean, rows, vocab_size, out, device):
+    student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
+    print(f"student: {count_params(student) / 1e6:.2f}M parameters")
+    return trained("student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device),
+                   cfg.student_steps, cfg.lr, cfg, out, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6: frozen backbone + linear token head (BabyLM 2024)
+# ---------------------------------------------------------------------------------------------
+
+
+def freeze(model):
+    """subtle: requires_grad=False keeps the optimiser away; eval() switches dropout off."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def train_head(cfg, student, rows, vocab_size, out, device):
+    """Only a linear layer with bias from the student's K concept logits to V token logits is
+    trained, with MLM cross-entropy; every student parameter stays as it was."""
+    freeze(student)
+    head = nn.Linear(cfg.n_concepts, vocab_size).to(device)
+
+    def loss_fn(step):
+        ids, x, sel = get_batch(rows, cfg, 3, step, device)
+        with torch.no_grad():
+            z = student.concept_logits(student(x)[sel])  # (M, K)
+        return mlm_loss(head(z.float()), ids[sel]), {}
+
+    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 7: evaluation and report
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def eval_mlm(token_logits, rows, cfg, device):
+    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), selection) -> (M, V) on the
+    first eval_rows dev rows, with the same fixed masks for every model."""
+    rows = rows[: cfg.eval_rows]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    loss = correct = n = 0.0
+    for i in range(0, len(rows), cfg.batch_size):
+        ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
+        x, sel = mask_tokens(ids, cfg.mask_rate, gen)
+        logits = token_logits(x, sel).float()  # (M, V)
+        y = ids[sel]  # (M,)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += len(y)
+    return {"dev_loss": loss / max(n, 1), "dev_acc": correct / max(n, 1)}
+
+
+def unigram_baseline(train_rows, dev_rows, vocab_size, cfg, device):
+    """The same dev numbers for a model that ignores context: train-set unigram frequencies."""
+    counts = np.bincount(train_rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0  # add-one smoothing
+    logp = torch.from_numpy(np.log(counts / counts.sum())).float().to(device)  # (V,)
+    return eval_mlm(lambda x, sel: logp.expand(int(sel.sum()), -1), dev_rows, cfg, device)
+
+
+def report(results):
+    print("\n" + "=" * 64)
+    print(f"{'model':<22}{'dev MLM loss':>14}{'dev MLM acc':>14}{'train time':>12}")
+    for name, r in results["models"].items():
+        t = f"{r['seconds'] / 60:.1f} min" if "seconds" in r else ""
+        print(f"{name:<22}{r['dev_loss']:>14.3f}{r['dev_acc']:>14.3f}{t:>12}")
+    d = results["dictionary"]
+    print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
+          f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
+          f"{results['student_zero_codes']:.2%} all-zero targets in student training")
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items()))
+    print("=" * 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# main(): chain the stages
+# ---------------------------------------------------------------------------------------------
+
+
+ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "teacher.pt", "teacher.ckpt.pt",
+             "dictionary.npz", "student.pt", "student.ckpt.pt", "head.pt", "head.ckpt.pt", "results.json",
+             "times.json"]
+
+
+def prepare_out(cfg):
+    """Create --out, or check that the artifacts in it were made by the same config."""
+    out = Path(cfg.out)
+    if cfg.fresh:
+        for name in ARTIFACTS:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+    want["data"] = str(Path(cfg.data).resolve())
+    if (out / "config.json").exists():
+        have = load_json(out / "config.json")
+        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        if diff:
+            raise UserError(f"{out} holds a run with a different config ({', '.join(diff)}); "
+                            f"use another --out, or --fresh to delete that run")
+    else:
+        save_json(out / "config.json", want)
+    return out
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {name} is not usable here ({e})") from None
+    return device
+
+
+def warn_if_slow(cfg, n_params, device):
+    """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
+    if device.type != "cpu" or cfg.preset != "laptop":
+        return
+    a = torch.randn(1024, 1024)
+    t0 = time.time()
+    for _ in range(4):
+        a @ a
+    flops = 4 * 2 * 1024 ** 3 / (time.time() - t0)
+    tokens = (cfg.teacher_steps + 1.3 * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
+    hours = 6 * n_params * tokens / (0.5 * flops) / 3600  # training ~ 6 FLOPs per parameter per token
+    print(f"warning: the laptop preset on this CPU would take about {hours:.0f} hours (estimate from a "
+          f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 30 minutes",
+          file=sys.stderr)
+
+
+def run(cfg):
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if not Path(cfg.data).exists() and cfg.data == Config.data:
+        download_corpus(Path(cfg.data))
+    train_files, dev_files = find_corpus(cfg.data)
+    out = prepare_out(cfg)
+    times = load_json(out / "times.json") if (out / "times.json").exists() else {}
+
+    def timed(name, t0):
+        times.setdefault(name, time.time() - t0)
+        save_json(out / "times.json", times)
+
+    # 1-2. tokenizer and token rows
+    t0 = time.time()
+    if (out / "tokenizer.json").exists():
+        tok = Tokenizer.load(out / "tokenizer.json")
+    else:
+        tok = Tokenizer.train((read_text(p) for p in train_files), cfg.vocab_size)
+        tok.save(out / "tokenizer.json")
+    timed("tokenizer", t0)
+    t0 = time.time()
+    if not (out / "dev_ids.npy").exists():
+        train_rows, dev_rows = encode_corpus(cfg, tok, train_files, dev_files)
+        atomic_write(out / "train_ids.npy", lambda f: np.save(f, train_rows))
+        atomic_write(out / "dev_ids.npy", lambda f: np.save(f, dev_rows))
+    train_rows, dev_rows = (load(out / f"{s}_ids.npy", np.load) for s in ("train", "dev"))
+    timed("encode", t0)
+    print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; "
+          f"vocabulary {tok.vocab_size}")
+    if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
+        raise UserError(f"the corpus is too small: {len(train_rows)} train and {len(dev_rows)} dev rows of "
+                        f"{cfg.seq_len} tokens for batches of {cfg.batch_size}; give more text or lower "
+                        f"--seq_len / --batch_size")
+    V = tok.vocab_size
+
+    # 3-6. teacher, concepts, student, head
+    warn_if_slow(cfg, count_params(build_encoder(cfg, V)), device)
+    teacher, teacher_info = train_teacher(cfg, train_rows, V, out, device)
+    freeze(teacher)
+    coder, mean, dict_info = learn_concepts(cfg, teacher, train_rows, dev_rows, out, device)
+    times.setdefault("concepts", dict_info["seconds"])
+    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, V, out, device)
+    head, head_info = train_head(cfg, student, train_rows, V, out, device)
+
+    # 7. report
+    t0 = time.time()
+    models = {
+        "unigram": unigram_baseline(train_rows, dev_rows, V, cfg, device),
+        "teacher (MLM)": {**eval_mlm(lambda x, sel: teacher.mlm_logits(teacher(x)[sel]), dev_rows, cfg, device),
+                          "seconds": teacher_info["seconds"]},
+        "MLSM student + head": {**eval_mlm(lambda x, sel: head(student.concept_logits(student(x)[sel])),
+                                           dev_rows, cfg, device),
+                                "seconds": student_info["seconds"] + head_info["seconds"]},
+    }
+    times.update(teacher=teacher_info["seconds"], student=student_info["seconds"], head=head_info["seconds"])
+    timed("evaluation", t0)
+    st = student_info["totals"]
+    results = {"models": models, "dictionary": dict_info,
+               "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
+               "seconds": times, "config": dataclasses.asdict(cfg)}
+    save_json(out / "results.json", results)
+    report(results)
+    return results
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        return run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages and the last checkpoint are saved; run the same command "
+              "to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

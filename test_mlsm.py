@@ -1,0 +1,565 @@
+"""Tests for mlsm.py, in the order of its sections. Offline, CPU only, seeded.
+
+Every hand-written piece is checked against an independent reference: a naive BPE, torch's own
+attention and loss functions, scikit-learn's sparse coder. The end-to-end test trains the whole
+pipeline on a corpus from a small grammar whose word classes are known."""
+
+import http.server
+import io
+import json
+import random
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import sparse_encode
+from sklearn.metrics import adjusted_mutual_info_score
+
+import mlsm
+
+SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "data" / "babylm_sample"
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny probabilistic grammar with known word classes, for the end-to-end tests
+# ---------------------------------------------------------------------------------------------
+
+WORDS = {
+    "animal": ["dog", "cat", "horse", "bird", "cow", "goat", "duck", "fox"],
+    "food": ["apple", "bread", "cake", "egg", "pear", "plum", "bean", "nut"],
+    "tool": ["hammer", "saw", "drill", "brush", "knife", "spoon", "rope", "key"],
+    "adjective": ["big", "small", "red", "old", "young", "happy", "green", "soft"],
+}
+OBJECTS = {"eat": ["food"], "like": ["food", "animal"], "use": ["tool"], "hold": ["tool", "food"]}
+INTRANSITIVE = ["sleep", "run", "sing", "jump"]
+
+
+def noun_phrase(rng, kind):
+    plural = rng.random() < 0.5
+    det = rng.choice(["some", "the", "two"] if plural else ["a", "the", "one"])
+    adj = [rng.choice(WORDS["adjective"])] if rng.random() < 0.4 else []
+    noun = rng.choice(WORDS[kind])
+    return [det, *adj, noun + "s" if plural else noun], plural
+
+
+def sentence(rng):
+    """Subject-verb number agreement; each verb takes objects of given kinds."""
+    subject, plural = noun_phrase(rng, "animal")
+    if rng.random() < 0.3:
+        verb = rng.choice(INTRANSITIVE)
+        return subject + [verb if plural else verb + "s", "."]
+    verb = rng.choice(list(OBJECTS))
+    obj, _ = noun_phrase(rng, rng.choice(OBJECTS[verb]))
+    return subject + [verb if plural else verb + "s"] + obj + ["."]
+
+
+def word_class(word):
+    for kind, words in WORDS.items():
+        if word in words or word[:-1] in words:
+            return kind
+    if word in OBJECTS or word[:-1] in OBJECTS or word in INTRANSITIVE or word[:-1] in INTRANSITIVE:
+        return "verb"
+    return {"a": "det", "the": "det", "one": "det", "some": "det", "two": "det"}.get(word, "other")
+
+
+def grammar_text(n, seed):
+    rng = random.Random(seed)
+    return "\n".join(" ".join(sentence(rng)) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def grammar_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grammar")
+    (d / "grammar.train").write_text(grammar_text(20000, 0))
+    (d / "grammar.dev").write_text(grammar_text(1000, 1))
+    return d
+
+
+def tiny_args(data, out, *extra):
+    return ["--preset", "tiny", "--data", str(data), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(grammar_corpus, tmp_path_factory):
+    """One uninterrupted tiny pipeline run, shared by the tests that need artifacts."""
+    out = tmp_path_factory.mktemp("run")
+    results = mlsm.main(tiny_args(grammar_corpus, out))
+    return out, results
+
+
+def run_error(argv, capsys):
+    """main(argv) must exit with status 2 and one 'error:' line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        mlsm.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        mlsm.parse_config(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in mlsm.Config.__dataclass_fields__:
+        assert f"--{f}" in text
+
+
+def test_presets_and_explicit_flags():
+    cfg = mlsm.parse_config(["--preset", "cpu", "--lr", "0.01", "--no-center"])
+    assert cfg.d_model == mlsm.PRESETS["cpu"]["d_model"] and cfg.lr == 0.01 and cfg.center is False
+    assert cfg.out == "runs/cpu"
+    assert mlsm.parse_config([]).d_model == mlsm.Config.d_model
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_rate", "0"], "--mask_rate"), (["--mask_rate", "1.5"], "--mask_rate"),
+    (["--n_concepts", "0"], "--n_concepts"), (["--vocab_size", "100"], "--vocab_size"),
+    (["--teacher_layer", "3"], "--teacher_layer"), (["--teacher_steps", "-1"], "--teacher_steps"),
+    (["--d_model", "30", "--n_heads", "4"], "divisible"), (["--preset", "huge"], "--preset"),
+])
+def test_nonsense_config_is_refused(flags, message, capsys, tmp_path):
+    err = run_error(["--preset", "tiny", "--data", str(tmp_path), *flags], capsys)
+    assert message in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "a.json"
+    mlsm.save_json(path, {"x": 1})
+
+    def broken(f):
+        f.write(b"{half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mlsm.atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"x": 1}
+
+
+def test_read_text_handles_crlf_blank_lines_and_bad_bytes(tmp_path):
+    p = tmp_path / "a.train"
+    p.write_bytes(b"first line\r\n\r\n  \nsecond \xff\xfe line\r\nthird")
+    assert mlsm.read_text(p) == "first line\nsecond \ufffd\ufffd line\nthird"
+    with pytest.raises(mlsm.UserError, match="cannot read"):
+        mlsm.read_text(tmp_path)  # a directory: unreadable as a file
+
+
+def test_find_corpus_layouts(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "dev").mkdir()
+    for name in ["train/a.train", "train/b.txt", "dev/a.dev", "dev/b.txt", "notes.md"]:
+        (tmp_path / name).write_text("x")
+    train, dev = mlsm.find_corpus(tmp_path)
+    assert [p.name for p in train] == ["a.train", "b.txt"]
+    assert sorted(p.name for p in dev) == ["a.dev", "b.txt"]
+    assert mlsm.find_corpus(tmp_path / "train" / "a.train") == ([tmp_path / "train" / "a.train"], [])
+
+
+class ZipServer(http.server.BaseHTTPRequestHandler):
+    """Serves /good (a valid archive), /truncated (cut off mid-way), /missing (404)."""
+    archive = b""
+
+    def do_GET(self):
+        if self.path == "/missing":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.archive)))
+        self.end_headers()
+        self.wfile.write(self.archive if self.path == "/good" else self.archive[: len(self.archive) // 2])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("train_10M/childes.train", "hello there\n" * 100)
+        z.writestr("train_10M/switchboard.train", "A:\tyes\n" * 100)
+    ZipServer.archive = buf.getvalue()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ZipServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", __import__("hashlib").md5(ZipServer.archive).hexdigest()
+    httpd.shutdown()
+
+
+def test_download_good_archive(server, tmp_path):
+    url, md5 = server
+    mlsm.download_corpus(tmp_path / "babylm", url + "/good", md5)
+    assert sorted(p.name for p in (tmp_path / "babylm").iterdir()) == ["childes.train", "switchboard.train"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "babylm"]  # no .part or temporary folder left
+
+
+@pytest.mark.parametrize("path, md5, message", [
+    ("/truncated", None, "could not download|damaged"), ("/good", "0" * 32, "damaged"),
+    ("/missing", None, "could not download"),
+])
+def test_download_failures_leave_nothing_behind(server, tmp_path, path, md5, message):
+    url, good_md5 = server
+    with pytest.raises(mlsm.UserError, match=message) as e:
+        mlsm.download_corpus(tmp_path / "babylm", url + path, md5 or good_md5)
+    assert "--data" in str(e.value)  # the message says how to do it by hand
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+ROUND_TRIP = ["", "a", "hello world", "  two  spaces\tand tabs\n\nnewlines\r\n", "naïve café Ærø",
+              "日本語のテキスト", "emoji 🎉👩‍👩‍👧 and flags 🇭🇺", "under_score __init__ x_1",
+              "½ ² ³ ٣ 𝟘", "it's they'll we'VE", "\x00\x01 control \u200b zero-width"]
+
+
+def random_strings(n, seed):
+    rng = random.Random(seed)
+    alphabet = "ab _.,'\n\t19½éß日🎉\u0301" + "".join(chr(rng.randrange(32, 0x2FFFF)) for _ in range(50))
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(30))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "\n".join(ROUND_TRIP[1:]) + "\n" + grammar_text(500, 3)
+    return mlsm.Tokenizer.train([text], 600)
+
+
+def test_pretokens_cover_every_character():
+    for s in ROUND_TRIP + random_strings(300, 0):
+        assert "".join(mlsm.PRETOKEN.findall(s)) == s
+
+
+def test_bpe_round_trip(tok):
+    for s in ROUND_TRIP + random_strings(300, 1):
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_bpe_textbook_example():
+    """Wikipedia's BPE example: aaabdaaabac -> Z=aa: ZabdZabac -> Y=ab: ZYdZYac -> X=ZY: XdXac."""
+    tok = mlsm.Tokenizer.train(["aaabdaaabac"], mlsm.N_SPECIAL + 256 + 3)
+    a, b, c, d = (mlsm.N_SPECIAL + ord(ch) for ch in "abcd")
+    Z, Y, X = range(mlsm.N_SPECIAL + 256, mlsm.N_SPECIAL + 259)
+    assert tok.merges == [(a, a), (a, b), (Z, Y)]
+    assert tok.encode("aaabdaaabac") == [X, d, X, a, c]
+
+
+def naive_bpe(text, n_merges):
+    """Reference BPE: recount every pair of the whole corpus before each merge."""
+    words = [[mlsm.N_SPECIAL + b for b in w.encode("utf-8", "surrogatepass")] for w in mlsm.PRETOKEN.findall(text)]
+    merges = []
+    for new_id in range(mlsm.N_SPECIAL + 256, mlsm.N_SPECIAL + 256 + n_merges):
+        counts = {}
+        for w in words:
+            for p in zip(w, w[1:]):
+                counts[p] = counts.get(p, 0) + 1
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < 2:
+            break
+        merges.append(best)
+        words = [mlsm.merge_pair(w, best, new_id) for w in words]
+    return merges
+
+
+def test_incremental_bpe_equals_naive_recount():
+    text = grammar_text(300, 5) + " aaaa bbbb aaaab 🎉🎉 ééé"
+    tok = mlsm.Tokenizer.train([text], mlsm.N_SPECIAL + 256 + 150)
+    assert tok.merges == naive_bpe(text, 150)
+    assert tok.vocab_size == mlsm.N_SPECIAL + 256 + 150
+
+
+def test_tokenizer_save_load(tok, tmp_path):
+    tok.save(tmp_path / "t.json")
+    loaded = mlsm.Tokenizer.load(tmp_path / "t.json")
+    s = "the happy dogs eat some plums ."
+    assert loaded.encode(s) == tok.encode(s) and loaded.vocab_size == tok.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and masking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_rows():
+    rows = mlsm.pack(np.arange(10, 33), 6)  # 23 tokens, 4 per row -> 5 rows, 3 dropped
+    assert rows.shape == (5, 6)
+    assert (rows[:, 0] == mlsm.CLS).all() and (rows[:, -1] == mlsm.SEP).all()
+    assert rows[:, 1:-1].ravel().tolist() == list(range(10, 30))
+
+
+def test_dev_split_without_dev_files(tmp_path):
+    (tmp_path / "a.train").write_text("word " * 1000)
+    cfg = mlsm.parse_config(["--preset", "tiny", "--dev_fraction", "0.1"])
+    tok = mlsm.Tokenizer.train(["word " * 10], 300)
+    train, dev = mlsm.encode_corpus(cfg, tok, [tmp_path / "a.train"], [])
+    assert len(train) == 900 // 30 and len(dev) == 100 // 30
+
+
+def test_masking_statistics():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(mlsm.N_SPECIAL, 1000, (64, 512))
+    ids[:, 0], ids[:, -1], ids[:, -20:-1] = mlsm.CLS, mlsm.SEP, mlsm.PAD
+    x, sel = mlsm.mask_tokens(ids, 0.15, gen)
+    special = ids < mlsm.N_SPECIAL
+    assert not sel[special].any()
+    n = (~special).sum().item()
+    assert abs(sel.sum().item() / n - 0.15) < 4 * (0.15 * 0.85 / n) ** 0.5  # within 4 sigma
+    assert (x[sel] == mlsm.MASK).all() and torch.equal(x[~sel], ids[~sel])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attention_matches_explicit_softmax_with_padding():
+    torch.manual_seed(0)
+    B, T, C, H = 3, 7, 16, 4
+    attn = mlsm.SelfAttention(C, H, 0.0).eval()
+    x = torch.randn(B, T, C)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 5:] = keep[2, 2:] = False
+    # reference: softmax(q k^T / sqrt(d) with padded keys at -inf) v, head by head
+    q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.qkv(x).split(C, dim=-1))
+    scores = q @ k.transpose(-1, -2) / (C // H) ** 0.5
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    ref = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(attn(x, keep), ref, rtol=1e-5, atol=1e-6)
+    # what sits in padded positions cannot change the real ones
+    x2 = x.clone()
+    x2[~keep] = torch.randn(int((~keep).sum()), C)
+    torch.testing.assert_close(attn(x2, keep)[keep], attn(x, keep)[keep])
+
+
+def test_encoder_layers_and_tied_head():
+    torch.manual_seed(0)
+    model = mlsm.Encoder(50, 8, 16, 3, 2).eval()
+    ids = torch.randint(4, 50, (2, 8))
+    x = model.tok_emb(ids) + model.pos_emb(torch.arange(8))
+    after1 = model.blocks[0](x)
+    torch.testing.assert_close(model(ids, layer=1), after1)
+    torch.testing.assert_close(model(ids, layer=-1), model(ids))
+    torch.testing.assert_close(model(ids), model.ln_f(model.blocks[2](model.blocks[1](after1))))
+    h = torch.randn(5, 16)
+    ref = F.linear(model.mlm_transform(h), model.tok_emb.weight, model.mlm_bias)
+    torch.testing.assert_close(model.mlm_logits(h), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mlm_loss_on_masked_positions_equals_ignore_index():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(4, 10, 30), torch.randint(0, 30, (4, 10))
+    sel = torch.rand(4, 10) < 0.3
+    labels = ids.masked_fill(~sel, -100)
+    ref = F.cross_entropy(logits.view(-1, 30), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(mlsm.mlm_loss(logits[sel], ids[sel]), ref)
+
+
+def test_concept_kl_equals_torch_kl_div():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 12)
+    A = torch.relu(torch.randn(6, 12))
+    A[2] = 0  # an all-zero code: left out
+    A[4, :6] = 0  # exact zeros inside a distribution: 0 log 0 = 0
+    p, valid = mlsm.code_distribution(A)
+    assert valid.tolist() == [True, True, False, True, True, True]
+    torch.testing.assert_close(p[valid].sum(-1), torch.ones(5))
+    ref = F.kl_div(F.log_softmax(logits[valid], -1), p[valid], reduction="batchmean")
+    torch.testing.assert_close(mlsm.concept_kl(logits, p, valid), ref)
+    assert mlsm.concept_kl(logits, p, torch.zeros(6, dtype=torch.bool)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts: dictionary learning and the sparse coder
+# ---------------------------------------------------------------------------------------------
+
+
+def anisotropic_problem(N, K, C, seed):
+    """Unit-norm states and atoms sharing a common direction, like uncentred teacher states."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(C, generator=g)
+    D = F.normalize(torch.randn(K, C, generator=g) + 1.5 * common, dim=-1)
+    X = F.normalize(torch.randn(N, C, generator=g) + 1.5 * common, dim=-1)
+    return X, D
+
+
+@pytest.mark.parametrize("K, slots", [(48, 16), (48, 2), (300, 16)])  # 2 slots: forces doubling
+def test_sparse_coder_matches_sklearn(K, slots):
+    X, D = anisotropic_problem(80, K, 24, K)
+    coder = mlsm.SparseCoder(D, 0.05, slots)
+    A = coder.encode(X)
+    ref = torch.from_numpy(sparse_encode(X.double().numpy(), D.double().numpy(), algorithm="lasso_cd",
+                                         alpha=0.05, positive=True, max_iter=100000)).float()
+    ours, theirs = coder.objective(X, A), coder.objective(X, ref)
+    assert (A >= 0).all() and (A > 0).sum(1).float().mean() > 2  # a real sparse problem, not all-zero
+    assert ((ours - theirs) / theirs).max() < 1e-5
+    torch.testing.assert_close(A, ref, atol=1e-3, rtol=0)
+
+
+def test_learn_dictionary_recovers_planted_atoms():
+    """States that are non-negative mixtures of two of 8 atoms: the learned atoms find them all,
+    where random unit vectors in 20 dimensions would reach a cosine of about 0.5."""
+    g = torch.Generator().manual_seed(0)
+    true = F.normalize(torch.randn(8, 20, generator=g), dim=-1)
+    support = torch.rand(3000, 8, generator=g).argsort(1)[:, :2]  # (3000, 2)
+    codes = torch.zeros(3000, 8).scatter_(1, support, 0.2 + torch.rand(3000, 2, generator=g))
+    X = F.normalize(codes @ true, dim=-1)
+    cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "8", "--dict_epochs", "5"])
+    D = mlsm.learn_dictionary(X.numpy(), cfg)
+    torch.testing.assert_close(D.norm(dim=-1), torch.ones(8))
+    assert (true @ D.T).max(1).values.min() > 0.95  # every true atom has a learned twin
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the frozen-backbone head, resume after interruption
+# ---------------------------------------------------------------------------------------------
+
+
+def test_head_training_leaves_student_bit_identical(tmp_path):
+    cfg = mlsm.parse_config(["--preset", "tiny", "--head_steps", "20", "--dropout", "0.1"])
+    torch.manual_seed(0)
+    student = mlsm.build_encoder(cfg, 300, cfg.n_concepts)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
+    head, _ = mlsm.train_head(cfg, student, rows, 300, tmp_path, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert not any(p.requires_grad for p in student.parameters()) and not student.training
+    assert (tmp_path / "head.pt").exists() and not (tmp_path / "head.ckpt.pt").exists()
+
+
+def drop_times(results):
+    r = json.loads(json.dumps(results))
+    r["seconds"] = None
+    for m in r["models"].values():
+        m.pop("seconds", None)
+    r["dictionary"].pop("seconds")
+    r["config"]["out"] = None
+    return r
+
+
+def test_resume_after_interruption_gives_identical_results(tiny_run, grammar_corpus, tmp_path, monkeypatch):
+    out, results = tiny_run
+    calls = {"n": 0}
+    real = mlsm.concept_kl
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 73:  # in the student stage, after the checkpoint at step 50
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(mlsm, "concept_kl", interrupted)
+    with pytest.raises(SystemExit) as e:
+        mlsm.main(tiny_args(grammar_corpus, tmp_path))
+    assert e.value.code == 130
+    assert (tmp_path / "student.ckpt.pt").exists() and not (tmp_path / "student.pt").exists()
+    assert torch.load(tmp_path / "student.ckpt.pt")["step"] == 50
+    monkeypatch.setattr(mlsm, "concept_kl", real)
+    resumed = mlsm.main(tiny_args(grammar_corpus, tmp_path))
+    # same seed on the same machine: identical numbers, interrupted or not
+    assert drop_times(resumed) == drop_times(results)
+    for name in ("teacher", "student", "head"):
+        a, b = torch.load(out / f"{name}.pt")["model"], torch.load(tmp_path / f"{name}.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear message, exit status 2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    assert "does not exist" in run_error(tiny_args(tmp_path / "nope", tmp_path / "o"), capsys)
+    assert "no *.train or *.txt" in run_error(tiny_args(tmp_path, tmp_path / "o"), capsys)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert "too small" in run_error(tiny_args(tmp_path, tmp_path / "o2"), capsys)
+
+
+def test_corpus_too_small_for_dictionary(grammar_corpus, tmp_path, capsys):
+    err = run_error(tiny_args(grammar_corpus, tmp_path, "--n_concepts", "5000", "--teacher_steps", "1"), capsys)
+    assert "teacher states for 5000 concepts" in err
+
+
+def test_out_dir_of_another_config_is_refused(tiny_run, grammar_corpus, tmp_path, capsys):
+    out, _ = tiny_run
+    shutil.copytree(out, tmp_path / "run")
+    err = run_error(tiny_args(grammar_corpus, tmp_path / "run", "--lam", "0.1"), capsys)
+    assert "different config (lam)" in err
+    assert mlsm.main(tiny_args(grammar_corpus, tmp_path / "run", "--lam", "0.1", "--fresh", "--teacher_steps",
+                               "2", "--student_steps", "2", "--head_steps", "2"))
+
+
+@pytest.mark.parametrize("name", ["teacher.pt", "dictionary.npz", "train_ids.npy", "tokenizer.json"])
+def test_truncated_artifact_gets_clear_message(tiny_run, grammar_corpus, tmp_path, capsys, name):
+    out, _ = tiny_run
+    shutil.copytree(out, tmp_path / "run")
+    path = tmp_path / "run" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    err = run_error(tiny_args(grammar_corpus, tmp_path / "run"), capsys)
+    assert name in err and "corrupt or truncated" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def concept_class_ami(out, cfg):
+    """Adjusted mutual information between each dev token's word class and the top concept of
+    its teacher code."""
+    tok = mlsm.Tokenizer.load(out / "tokenizer.json")
+    dev = np.load(out / "dev_ids.npy")
+    teacher = mlsm.build_encoder(cfg, tok.vocab_size)
+    teacher.load_state_dict(torch.load(out / "teacher.pt")["model"])
+    z = np.load(out / "dictionary.npz")
+    coder = mlsm.SparseCoder(torch.from_numpy(z["D"]), cfg.lam)
+    H, ids = mlsm.teacher_states(teacher.eval(), dev, cfg, 3000, torch.device("cpu"), 0)
+    A = coder.encode(mlsm.normalise_states(torch.from_numpy(H), torch.from_numpy(z["mean"])))
+    classes = [word_class(tok.decode([i]).strip()) for i in ids]
+    return adjusted_mutual_info_score(classes, A.argmax(1).numpy())
+
+
+E2E = ["--n_concepts", "32", "--teacher_steps", "300", "--student_steps", "300", "--head_steps", "300"]
+
+
+def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
+    results = mlsm.main(tiny_args(grammar_corpus, tmp_path, *E2E))
+    cfg = mlsm.parse_config(tiny_args(grammar_corpus, tmp_path, *E2E))
+    ami = concept_class_ami(tmp_path, cfg)
+    m = results["models"]
+    print(f"AMI {ami:.3f}; dev loss unigram {m['unigram']['dev_loss']:.3f}, teacher "
+          f"{m['teacher (MLM)']['dev_loss']:.3f}, MLSM+head {m['MLSM student + head']['dev_loss']:.3f}")
+    assert ami > 0.5  # chance is 0
+    assert m["MLSM student + head"]["dev_loss"] < m["unigram"]["dev_loss"] - 1.0
+    assert m["teacher (MLM)"]["dev_loss"] < m["unigram"]["dev_loss"] - 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["models"] == m
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared/data/babylm_sample is not here")
+def test_real_data_smoke(tmp_path):
+    results = mlsm.main(tiny_args(SAMPLE, tmp_path, "--teacher_steps", "30", "--student_steps", "30",
+                                  "--head_steps", "30"))
+    for r in results["models"].values():
+        assert np.isfinite(r["dev_loss"]) and 0 <= r["dev_acc"] <= 1
+    d = results["dictionary"]
+    assert 0 < d["rel_error"] < 1 and d["nonzeros"] >= 1
