@@ -107,12 +107,16 @@ class Config:
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
-    dict_tokens: int = opt(200_000, "teacher states the dictionary is learned from (the original: ~1M)")
+    dict_tokens: int = opt(100_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
     center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
     mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    baseline: bool = opt(True, "also train an MLM student: same size, data, batches, masks, steps, schedule, seed")
     # evaluation and logging
     eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
+    blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs; the default is downloaded when "
+                     "missing; '' skips BLiMP")
+    supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
     log_every: int = opt(50, "steps between loss readouts (the only host syncs in the loop)")
     ckpt_every: int = opt(500, "steps between resumable checkpoints")
 
@@ -122,17 +126,17 @@ PRESETS = {
     "laptop": {},
     # Sized on the 2-core CPU this project is developed on: about 30 minutes on the 3.15M-word sample.
     "cpu": dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0, batch_size=32, lr=1e-3,
-                teacher_steps=600, student_steps=600, head_steps=300, n_concepts=1024,
+                teacher_steps=1000, student_steps=1000, head_steps=300, n_concepts=1024,
                 dict_tokens=32_000, eval_rows=256, ckpt_every=100),
     # Seconds, for smoke runs and tests.
     "tiny": dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0,
                  batch_size=64, lr=1e-3, teacher_steps=100, student_steps=100, head_steps=100,
                  head_lr=1e-2, n_concepts=64, dict_tokens=4000, eval_rows=64, log_every=10,
-                 ckpt_every=50),
+                 ckpt_every=50, blimp=""),
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "compile", "log_every", "ckpt_every"}
+RUN_ONLY = {"out", "fresh", "device", "compile", "log_every", "ckpt_every", "blimp", "supplement"}
 
 
 class UserError(Exception):
@@ -242,6 +246,42 @@ CORPUS_MD5 = "dc67e5d2db96ed4f76cb072e2504a18c"
 CORPUS_BYTES = 18_139_949
 
 
+BLIMP_URL = "https://raw.githubusercontent.com/alexwarstadt/blimp/master/data"  # <paradigm>.jsonl
+BLIMP_PARADIGMS = """adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
+animate_subject_trans causative complex_NP_island coordinate_structure_constraint_complex_left_branch
+coordinate_structure_constraint_object_extraction determiner_noun_agreement_1 determiner_noun_agreement_2
+determiner_noun_agreement_irregular_1 determiner_noun_agreement_irregular_2 determiner_noun_agreement_with_adj_2
+determiner_noun_agreement_with_adj_irregular_1 determiner_noun_agreement_with_adj_irregular_2
+determiner_noun_agreement_with_adjective_1 distractor_agreement_relational_noun distractor_agreement_relative_clause
+drop_argument ellipsis_n_bar_1 ellipsis_n_bar_2 existential_there_object_raising existential_there_quantifiers_1
+existential_there_quantifiers_2 existential_there_subject_raising expletive_it_object_raising inchoative intransitive
+irregular_past_participle_adjectives irregular_past_participle_verbs irregular_plural_subject_verb_agreement_1
+irregular_plural_subject_verb_agreement_2 left_branch_island_echo_question left_branch_island_simple_question
+matrix_question_npi_licensor_present npi_present_1 npi_present_2 only_npi_licensor_present only_npi_scope passive_1
+passive_2 principle_A_c_command principle_A_case_1 principle_A_case_2 principle_A_domain_1 principle_A_domain_2
+principle_A_domain_3 principle_A_reconstruction regular_plural_subject_verb_agreement_1
+regular_plural_subject_verb_agreement_2 sentential_negation_npi_licensor_present sentential_negation_npi_scope
+sentential_subject_island superlative_quantifiers_1 superlative_quantifiers_2 tough_vs_raising_1 tough_vs_raising_2
+transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questions_subject_gap_long_distance
+wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
+
+
+def fetch(url, path, desc):
+    """Stream `url` into the file `path` with a progress bar -> md5 hex digest of the bytes."""
+    digest = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
+        size = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=size, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+NET_ERRORS = (OSError, http.client.HTTPException)  # URLError is an OSError; a cut-off body is IncompleteRead
+
+
 def download_corpus(dest, url=CORPUS_URL, md5=CORPUS_MD5):
     """Download a zip of *.train files, check its md5, and unpack it atomically to `dest`."""
     dest = Path(dest)
@@ -249,32 +289,45 @@ def download_corpus(dest, url=CORPUS_URL, md5=CORPUS_MD5):
     manual = (f"download {url} by hand, check that its md5 is {md5}, unzip it, and pass the "
               f"folder with the *.train files as --data (or move it to {dest})")
     part = dest.with_name(dest.name + ".zip.part")
-    digest = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+        got = fetch(url, part, f"download {dest.name}")
+    except NET_ERRORS as e:
         part.unlink(missing_ok=True)
         raise UserError(f"could not download the corpus ({e}); {manual}") from None
-    if digest.hexdigest() != md5:
+    if got != md5:
         part.unlink()
-        raise UserError(f"the download is damaged (md5 {digest.hexdigest()}, expected {md5}); {manual}")
+        raise UserError(f"the download is damaged (md5 {got}, expected {md5}); {manual}")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         try:
             with zipfile.ZipFile(part) as z:
                 z.extractall(tmp)
         except zipfile.BadZipFile as e:
             raise UserError(f"the download is not a valid zip ({e}); {manual}") from None
+        finally:
+            part.unlink()
         roots = sorted({p.parent for p in Path(tmp).rglob("*.train")})
         if not roots:
             raise UserError(f"the archive holds no *.train files; {manual}")
         os.replace(roots[0], dest)  # subtle: a rename, so `dest` never exists half-unpacked
-    part.unlink()
+
+
+def download_blimp(dest, url=BLIMP_URL, paradigms=BLIMP_PARADIGMS):
+    """Download BLiMP's 67 paradigm files into `dest`, check that each parses, then rename the
+    folder into place, so a cut-off download leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    manual = (f"download the data/*.jsonl files of github.com/alexwarstadt/blimp by hand into {dest}, "
+              f"or pass another folder of minimal pairs as --blimp ('' skips BLiMP)")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        folder = Path(tmp) / "blimp"
+        folder.mkdir()
+        for name in tqdm(paradigms, desc="download BLiMP"):
+            try:
+                fetch(f"{url}/{name}.jsonl", folder / f"{name}.jsonl", name)
+            except NET_ERRORS as e:
+                raise UserError(f"could not download BLiMP ({name}: {e}); {manual}") from None
+        load_pairs(folder)  # a damaged file fails here, with its name and line
+        os.replace(folder, dest)
 
 
 def find_corpus(path):
@@ -571,6 +624,7 @@ class Encoder(nn.Module):
 
 
 def build_encoder(cfg, vocab_size, n_concepts=0):
+    torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
     return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
 
 
@@ -631,10 +685,11 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device):
         start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
         print(f"{name}: resuming at step {start} of {steps}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0 = time.time()
+    t0, recent = time.time(), 0.0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
     for step in bar:
         model.train()
+        torch.manual_seed(step_seed(cfg, 0, step))  # dropout too is a function of the step alone
         with autocast:
             loss, extras = loss_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -644,8 +699,10 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device):
         sched.step()
         for k, v in extras.items():
             totals[k] = totals.get(k, 0) + v.detach()
-        if (step + 1) % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")  # the only host sync of the step
+        recent = recent + loss.detach()
+        if (step + 1) % cfg.log_every == 0:  # .item() waits for the device: only at log intervals
+            bar.set_postfix(loss=f"{recent.item() / cfg.log_every:.4f}")
+            recent = 0.0
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
                       totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0)
@@ -681,15 +738,15 @@ def mlm_step(model, rows, cfg, salt, device):
     def loss_fn(step):
         ids, x, sel = get_batch(rows, cfg, salt, step, device)  # (B, T) each
         h = net(x)[sel]  # (M, C): heads only at masked positions
-        return mlm_loss(model.mlm_logits(h), ids[sel]), {}
+        return mlm_loss(model.mlm_logits(h), ids[sel]), {"masked": sel.sum()}
     return loss_fn
 
 
-def train_teacher(cfg, rows, vocab_size, out, device):
-    teacher = build_encoder(cfg, vocab_size).to(device)
-    print(f"teacher: {count_params(teacher) / 1e6:.2f}M parameters")
-    return trained("teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), cfg.teacher_steps, cfg.lr,
-                   cfg, out, device)
+def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device):
+    """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks)."""
+    model = build_encoder(cfg, vocab_size).to(device)
+    print(f"{name}: {count_params(model) / 1e6:.2f}M parameters")
+    return trained(name, model, mlm_step(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +894,32 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
     return SparseCoder(D.to(device), cfg.lam), mean.to(device), info
 
 
+@torch.no_grad()
+def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
+    """The `top` most used concepts on dev text, each with the `per` tokens (distinct types) whose
+    teacher codes weigh most on it, in context -- the 'quasi-symbolic' knowledge a student learns."""
+    rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
+    ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
+    h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
+    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean)).cpu()  # (B*(T-2), K)
+    share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
+    concepts = []
+    for k in share.argsort(descending=True)[:top].tolist():
+        examples, types = [], set()
+        for n in A[:, k].argsort(descending=True).tolist():
+            r, i = divmod(n, cfg.seq_len - 2)
+            t = int(rows[r, i + 1])
+            if A[n, k] <= 0 or len(examples) == per:
+                break
+            if t not in types:
+                types.add(t)
+                left, right = tok.decode(rows[r, max(1, i - 3):i + 1]), tok.decode(rows[r, i + 2:i + 5])
+                examples.append({"token": tok.decode([t]), "weight": round(float(A[n, k]), 4),
+                                 "context": f"{left}[{tok.decode([t])}]{right}".replace("\n", " ")})
+        concepts.append({"concept": k, "share_of_tokens": round(float(share[k]), 4), "examples": examples})
+    return concepts
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 5: the MLSM student -- predict the teacher's concept distribution at masked positions
 # ---------------------------------------------------------------------------------------------
@@ -849,7 +932,8 @@ def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
         ids, x, sel = get_batch(rows, cfg, 2, step, device)  # (B, T) each
         with torch.no_grad():  # subtle: the teacher sees the *unmasked* input, as in the original
             h_t = teacher(ids, layer=cfg.teacher_layer)[sel].float()  # (M, C)
-            p, valid = code_distribution(coder.encode(normalise_states(h_t, mean)))  # (M, K), (M,)
+            with torch.autocast(device.type, enabled=False):  # subtle: the exact solver needs fp32
+                p, valid = code_distribution(coder.encode(normalise_states(h_t, mean)))  # (M, K), (M,)
         h = net(x)[sel]  # (M, C)
         loss = concept_kl(student.concept_logits(h), p, valid)
         if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
@@ -899,15 +983,15 @@ def train_head(cfg, student, rows, vocab_size, out, device):
 
 @torch.no_grad()
 def eval_mlm(token_logits, rows, cfg, device):
-    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), selection) -> (M, V) on the
-    first eval_rows dev rows, with the same fixed masks for every model."""
+    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, selection) -> (M, V) on
+    the first eval_rows dev rows, with the same fixed masks for every model."""
     rows = rows[: cfg.eval_rows]
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     loss = correct = n = 0.0
     for i in range(0, len(rows), cfg.batch_size):
         ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
         x, sel = mask_tokens(ids, cfg.mask_rate, gen)
-        logits = token_logits(x, sel).float()  # (M, V)
+        logits = token_logits(x, None, sel).float()  # (M, V); keep None: full rows, no padding
         y = ids[sel]  # (M,)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
@@ -919,21 +1003,88 @@ def unigram_baseline(train_rows, dev_rows, vocab_size, cfg, device):
     """The same dev numbers for a model that ignores context: train-set unigram frequencies."""
     counts = np.bincount(train_rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0  # add-one smoothing
     logp = torch.from_numpy(np.log(counts / counts.sum())).float().to(device)  # (V,)
-    return eval_mlm(lambda x, sel: logp.expand(int(sel.sum()), -1), dev_rows, cfg, device)
+    return eval_mlm(lambda x, keep, sel: logp.expand(int(sel.sum()), -1), dev_rows, cfg, device)
+
+
+def load_pairs(path):
+    """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
+    file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
+    path = Path(path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise UserError(f"no *.jsonl minimal pairs at {path}")
+    pairs = {}
+    for f in files:
+        for n, line in enumerate(read_text(f).splitlines(), 1):
+            try:
+                item = json.loads(line)
+                pair = (str(item["sentence_good"]), str(item["sentence_bad"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{f}:{n} is not a minimal pair with sentence_good and sentence_bad ({e})") from None
+            pairs.setdefault(item.get("UID", f.stem), []).append(pair)
+    return pairs
+
+
+@torch.no_grad()
+def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
+    """PLL(s) = sum_i log p(s_i | s with token i masked)  (Salazar et al. 2020), one masked copy of
+    the sentence per token, many copies per batch. token_logits(ids (B, T), keep (B, T), sel (B, T))
+    -> (M, V). The softmax is over real tokens: special tokens are never the answer.
+    Sentences longer than seq_len are cut to it. -> (len(sentences),) float64 numpy."""
+    seqs = [[CLS] + tok.encode(s)[: cfg.seq_len - 2] + [SEP] for s in sentences]
+    jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
+    pll, b = np.zeros(len(seqs)), 0
+    while b < len(jobs):
+        e = b + 1  # grow the batch while its padded size stays within 4 training batches of tokens
+        while e < len(jobs) and (e + 1 - b) * jobs[e][0] <= 4 * cfg.batch_size * cfg.seq_len:
+            e += 1
+        chunk, b = jobs[b:e], e
+        ids = torch.full((len(chunk), chunk[-1][0]), PAD, dtype=torch.long)  # (B, T), longest last
+        for r, (n, j, _) in enumerate(chunk):
+            ids[r, :n] = torch.tensor(seqs[j])
+        ids = ids.to(device)
+        rows = torch.arange(len(chunk), device=device)
+        pos = torch.tensor([i for _, _, i in chunk], device=device)
+        sel = torch.zeros_like(ids, dtype=torch.bool)
+        sel[rows, pos] = True  # (B, T): the one masked position of each copy
+        logits = token_logits(ids.masked_fill(sel, MASK), ids != PAD, sel).float()  # (B, V)
+        logits[:, :N_SPECIAL] = -math.inf
+        logp = F.log_softmax(logits, -1).gather(1, ids[rows, pos][:, None]).squeeze(1)  # (B,)
+        np.add.at(pll, [j for _, j, _ in chunk], logp.cpu().double().numpy())
+    return pll
+
+
+def minimal_pairs(token_logits, tok, pairs, cfg, device):
+    """Accuracy on minimal pairs: correct only if PLL(good) > PLL(bad) strictly; ties are counted
+    and reported, and count as wrong (the official BabyLM pipelines count them right)."""
+    flat = [p for ps in pairs.values() for p in ps]
+    good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device)
+    bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device)
+    per, i = {}, 0
+    for name, ps in pairs.items():
+        g, b = good[i:i + len(ps)], bad[i:i + len(ps)]
+        per[name] = float((g > b).mean())
+        i += len(ps)
+    return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
+            "pairs": len(flat), "paradigms": per}
 
 
 def report(results):
-    print("\n" + "=" * 64)
-    print(f"{'model':<22}{'dev MLM loss':>14}{'dev MLM acc':>14}{'train time':>12}")
+    """One table: what each model achieved, on the same dev masks and the same minimal pairs."""
+    sets = [k for k in ("BLiMP", "supplement") if any(k in r for r in results["models"].values())]
+    print("\n" + "=" * 96)
+    print(f"{'model':<22}{'dev MLM loss':>13}{'dev MLM acc':>12}" + "".join(f"{s + ' (ties)':>20}" for s in sets)
+          + f"{'train time':>12}")
     for name, r in results["models"].items():
+        cells = [f"{r[s]['macro']:>13.3f} ({r[s]['ties']:>3})" if s in r else f"{'':>20}" for s in sets]
         t = f"{r['seconds'] / 60:.1f} min" if "seconds" in r else ""
-        print(f"{name:<22}{r['dev_loss']:>14.3f}{r['dev_acc']:>14.3f}{t:>12}")
+        print(f"{name:<22}{r['dev_loss']:>13.3f}{r['dev_acc']:>12.3f}" + "".join(cells) + f"{t:>12}")
     d = results["dictionary"]
     print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
           f"{results['student_zero_codes']:.2%} all-zero targets in student training")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items()))
-    print("=" * 64)
+    print("=" * 96)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,9 +1092,8 @@ def report(results):
 # ---------------------------------------------------------------------------------------------
 
 
-ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "teacher.pt", "teacher.ckpt.pt",
-             "dictionary.npz", "student.pt", "student.ckpt.pt", "head.pt", "head.ckpt.pt", "results.json",
-             "times.json"]
+ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
+             "times.json", "concepts.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
 
 
 def prepare_out(cfg):
@@ -1002,8 +1152,8 @@ def run(cfg):
     out = prepare_out(cfg)
     times = load_json(out / "times.json") if (out / "times.json").exists() else {}
 
-    def timed(name, t0):
-        times.setdefault(name, time.time() - t0)
+    def record(stage, t0):  # stage times survive a restart: stages done before are not re-timed
+        times[stage] = time.time() - t0
         save_json(out / "times.json", times)
 
     # 1-2. tokenizer and token rows
@@ -1013,14 +1163,14 @@ def run(cfg):
     else:
         tok = Tokenizer.train((read_text(p) for p in train_files), cfg.vocab_size)
         tok.save(out / "tokenizer.json")
-    timed("tokenizer", t0)
+        record("tokenizer", t0)
     t0 = time.time()
     if not (out / "dev_ids.npy").exists():
         train_rows, dev_rows = encode_corpus(cfg, tok, train_files, dev_files)
         atomic_write(out / "train_ids.npy", lambda f: np.save(f, train_rows))
         atomic_write(out / "dev_ids.npy", lambda f: np.save(f, dev_rows))
+        record("encode", t0)
     train_rows, dev_rows = (load(out / f"{s}_ids.npy", np.load) for s in ("train", "dev"))
-    timed("encode", t0)
     print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; "
           f"vocabulary {tok.vocab_size}")
     if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
@@ -1029,30 +1179,54 @@ def run(cfg):
                         f"--seq_len / --batch_size")
     V = tok.vocab_size
 
-    # 3-6. teacher, concepts, student, head
+    pair_sets = {}  # read now, so that a bad file stops the run before training, not after
+    if cfg.blimp:
+        if not Path(cfg.blimp).exists() and cfg.blimp == Config.blimp:
+            download_blimp(cfg.blimp)
+        pair_sets["BLiMP"] = load_pairs(cfg.blimp)
+    if cfg.supplement:
+        pair_sets["supplement"] = load_pairs(cfg.supplement)
+
+    # 3-6. teacher, concepts, student, head, and the MLM baseline
     warn_if_slow(cfg, count_params(build_encoder(cfg, V)), device)
-    teacher, teacher_info = train_teacher(cfg, train_rows, V, out, device)
+    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device)
     freeze(teacher)
     coder, mean, dict_info = learn_concepts(cfg, teacher, train_rows, dev_rows, out, device)
-    times.setdefault("concepts", dict_info["seconds"])
     student, student_info = train_student(cfg, teacher, coder, mean, train_rows, V, out, device)
     head, head_info = train_head(cfg, student, train_rows, V, out, device)
+    times.update(teacher=teacher_info["seconds"], concepts=dict_info["seconds"], student=student_info["seconds"],
+                 head=head_info["seconds"])
+    # name -> (token_logits(ids, keep, sel) -> (M, V), training seconds)
+    scorers = {"teacher (MLM)": (lambda ids, keep, sel: teacher.mlm_logits(teacher(ids, keep)[sel]),
+                                 teacher_info["seconds"])}
+    if cfg.baseline:  # salt 2: exactly the MLSM student's batches and masks
+        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device)
+        freeze(baseline)
+        scorers["MLM baseline"] = (lambda ids, keep, sel: baseline.mlm_logits(baseline(ids, keep)[sel]),
+                                   baseline_info["seconds"])
+        times["baseline"] = baseline_info["seconds"]
+    scorers["MLSM student + head"] = (
+        lambda ids, keep, sel: head(student.concept_logits(student(ids, keep)[sel])),
+        student_info["seconds"] + head_info["seconds"])
 
-    # 7. report
+    # 7. evaluation and report
     t0 = time.time()
-    models = {
-        "unigram": unigram_baseline(train_rows, dev_rows, V, cfg, device),
-        "teacher (MLM)": {**eval_mlm(lambda x, sel: teacher.mlm_logits(teacher(x)[sel]), dev_rows, cfg, device),
-                          "seconds": teacher_info["seconds"]},
-        "MLSM student + head": {**eval_mlm(lambda x, sel: head(student.concept_logits(student(x)[sel])),
-                                           dev_rows, cfg, device),
-                                "seconds": student_info["seconds"] + head_info["seconds"]},
-    }
-    times.update(teacher=teacher_info["seconds"], student=student_info["seconds"], head=head_info["seconds"])
-    timed("evaluation", t0)
+    concepts = read_concepts(teacher, coder, mean, tok, dev_rows, cfg, device)
+    save_json(out / "concepts.json", concepts)
+    print("most used concepts, with the tokens that weigh most on them:")
+    for c in concepts[:8]:
+        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): " + " | ".join(e["context"] for e in c["examples"][:3]))
+    models = {"unigram": unigram_baseline(train_rows, dev_rows, V, cfg, device)}
+    for name, (token_logits, seconds) in scorers.items():
+        models[name] = {**eval_mlm(token_logits, dev_rows, cfg, device), "seconds": seconds}
+        for set_name, pairs in pair_sets.items():
+            models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
+    record("evaluation", t0)
     st = student_info["totals"]
     results = {"models": models, "dictionary": dict_info,
                "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
+               "tokens_seen": {"MLSM student": st.get("masked", 0),
+                               "MLM baseline": baseline_info["totals"]["masked"] if cfg.baseline else None},
                "seconds": times, "config": dataclasses.asdict(cfg)}
     save_json(out / "results.json", results)
     report(results)

@@ -7,9 +7,14 @@ pipeline on a corpus from a small grammar whose word classes are known."""
 import http.server
 import io
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -72,11 +77,26 @@ def grammar_text(n, seed):
     return "\n".join(" ".join(sentence(rng)) for _ in range(n))
 
 
+def agreement_pairs(n, seed):
+    """Minimal pairs in BLiMP's format: the verb agrees with its subject, or it does not."""
+    rng, lines = random.Random(seed), []
+    while len(lines) < n:
+        words = sentence(rng)
+        i = next(i for i, w in enumerate(words) if word_class(w) == "verb")
+        wrong = words[i][:-1] if words[i].endswith("s") else words[i] + "s"
+        pair = {"sentence_good": " ".join(words), "sentence_bad": " ".join(words[:i] + [wrong] + words[i + 1:]),
+                "UID": "agreement"}
+        lines.append(json.dumps(pair))
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def grammar_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("grammar")
     (d / "grammar.train").write_text(grammar_text(20000, 0))
     (d / "grammar.dev").write_text(grammar_text(1000, 1))
+    (d.parent / "pairs").mkdir(exist_ok=True)
+    (d.parent / "pairs" / "agreement.jsonl").write_text(agreement_pairs(200, 2))
     return d
 
 
@@ -84,11 +104,14 @@ def tiny_args(data, out, *extra):
     return ["--preset", "tiny", "--data", str(data), "--out", str(out), *extra]
 
 
+RUN = ["--dropout", "0.1"]  # the shared run: with dropout, so that resuming must reproduce it too
+
+
 @pytest.fixture(scope="module")
 def tiny_run(grammar_corpus, tmp_path_factory):
     """One uninterrupted tiny pipeline run, shared by the tests that need artifacts."""
     out = tmp_path_factory.mktemp("run")
-    results = mlsm.main(tiny_args(grammar_corpus, out))
+    results = mlsm.main(tiny_args(grammar_corpus, out, *RUN))
     return out, results
 
 
@@ -128,6 +151,7 @@ def test_presets_and_explicit_flags():
     (["--n_concepts", "0"], "--n_concepts"), (["--vocab_size", "100"], "--vocab_size"),
     (["--teacher_layer", "3"], "--teacher_layer"), (["--teacher_steps", "-1"], "--teacher_steps"),
     (["--d_model", "30", "--n_heads", "4"], "divisible"), (["--preset", "huge"], "--preset"),
+    (["--device", "tpu9"], "--device"),
 ])
 def test_nonsense_config_is_refused(flags, message, capsys, tmp_path):
     err = run_error(["--preset", "tiny", "--data", str(tmp_path), *flags], capsys)
@@ -447,6 +471,24 @@ def test_head_training_leaves_student_bit_identical(tmp_path):
     assert (tmp_path / "head.pt").exists() and not (tmp_path / "head.ckpt.pt").exists()
 
 
+def test_joint_loss_adds_weighted_token_cross_entropy():
+    """--mlm_weight w: L = L_MLSM + w * L_MLM on the same batch, L_MLM from the student's tied head."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16"])
+    torch.manual_seed(0)
+    V, device = 300, torch.device("cpu")
+    teacher, student = mlsm.build_encoder(cfg, V).eval(), mlsm.build_encoder(cfg, V, 16).eval()
+    D = F.normalize(torch.randn(16, cfg.d_model), dim=-1)
+    coder, mean = mlsm.SparseCoder(D, cfg.lam), torch.zeros(cfg.d_model)
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, V, (100, cfg.seq_len))
+    pure = mlsm.mlsm_step(student, teacher, coder, mean, rows, cfg, device)(7)[0]
+    cfg.mlm_weight = 0.5
+    joint = mlsm.mlsm_step(student, teacher, coder, mean, rows, cfg, device)(7)[0]
+    ids, x, sel = mlsm.get_batch(rows, cfg, 2, 7, device)
+    logits = student.mlm_logits(student(x))  # (B, T, V): every position, then ignore the unmasked
+    ce = F.cross_entropy(logits.view(-1, V), ids.masked_fill(~sel, -100).view(-1), ignore_index=-100)
+    torch.testing.assert_close(joint, pure + 0.5 * ce)
+
+
 def drop_times(results):
     r = json.loads(json.dumps(results))
     r["seconds"] = None
@@ -470,17 +512,47 @@ def test_resume_after_interruption_gives_identical_results(tiny_run, grammar_cor
 
     monkeypatch.setattr(mlsm, "concept_kl", interrupted)
     with pytest.raises(SystemExit) as e:
-        mlsm.main(tiny_args(grammar_corpus, tmp_path))
+        mlsm.main(tiny_args(grammar_corpus, tmp_path, *RUN))
     assert e.value.code == 130
     assert (tmp_path / "student.ckpt.pt").exists() and not (tmp_path / "student.pt").exists()
     assert torch.load(tmp_path / "student.ckpt.pt")["step"] == 50
     monkeypatch.setattr(mlsm, "concept_kl", real)
-    resumed = mlsm.main(tiny_args(grammar_corpus, tmp_path))
+    resumed = mlsm.main(tiny_args(grammar_corpus, tmp_path, *RUN))
     # same seed on the same machine: identical numbers, interrupted or not
     assert drop_times(resumed) == drop_times(results)
-    for name in ("teacher", "student", "head"):
+    for name in ("teacher", "student", "head", "baseline"):
         a, b = torch.load(out / f"{name}.pt")["model"], torch.load(tmp_path / f"{name}.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_during_training_loses_nothing(grammar_corpus, tmp_path):
+    """SIGKILL a real run mid-training; the same command then resumes from the last checkpoint."""
+    argv = [sys.executable, str(Path(mlsm.__file__)), *tiny_args(grammar_corpus, tmp_path, "--teacher_steps", "600",
+                                                                  "--ckpt_every", "10")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "teacher.ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # let it write more checkpoints, so the kill can land during a write
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = torch.load(tmp_path / "teacher.ckpt.pt")["step"]
+    assert 10 <= step < 600
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"teacher: resuming at step {step}" in resumed.stdout
+    assert (tmp_path / "results.json").exists()
+
+
+def test_cpu_with_gpu_preset_is_told_the_estimate(capsys):
+    cfg = mlsm.parse_config([])
+    mlsm.warn_if_slow(cfg, 30_000_000, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "hours" in err and "--preset cpu" in err
+    mlsm.warn_if_slow(mlsm.parse_config(["--preset", "cpu"]), 5_000_000, torch.device("cpu"))
+    assert capsys.readouterr().err == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,10 +575,10 @@ def test_corpus_too_small_for_dictionary(grammar_corpus, tmp_path, capsys):
 def test_out_dir_of_another_config_is_refused(tiny_run, grammar_corpus, tmp_path, capsys):
     out, _ = tiny_run
     shutil.copytree(out, tmp_path / "run")
-    err = run_error(tiny_args(grammar_corpus, tmp_path / "run", "--lam", "0.1"), capsys)
+    err = run_error(tiny_args(grammar_corpus, tmp_path / "run", *RUN, "--lam", "0.1"), capsys)
     assert "different config (lam)" in err
-    assert mlsm.main(tiny_args(grammar_corpus, tmp_path / "run", "--lam", "0.1", "--fresh", "--teacher_steps",
-                               "2", "--student_steps", "2", "--head_steps", "2"))
+    assert mlsm.main(tiny_args(grammar_corpus, tmp_path / "run", *RUN, "--lam", "0.1", "--fresh",
+                               "--teacher_steps", "2", "--student_steps", "2", "--head_steps", "2"))
 
 
 @pytest.mark.parametrize("name", ["teacher.pt", "dictionary.npz", "train_ids.npy", "tokenizer.json"])
@@ -515,8 +587,50 @@ def test_truncated_artifact_gets_clear_message(tiny_run, grammar_corpus, tmp_pat
     shutil.copytree(out, tmp_path / "run")
     path = tmp_path / "run" / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    err = run_error(tiny_args(grammar_corpus, tmp_path / "run"), capsys)
+    err = run_error(tiny_args(grammar_corpus, tmp_path / "run", *RUN), capsys)
     assert name in err and "corrupt or truncated" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: pseudo-log-likelihood on minimal pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batched_pll_equals_brute_force(tok):
+    cfg = mlsm.parse_config(["--preset", "tiny", "--batch_size", "4"])  # small batches: many chunks
+    torch.manual_seed(0)
+    model = mlsm.build_encoder(cfg, tok.vocab_size).eval()
+    fn = lambda ids, keep, sel: model.mlm_logits(model(ids, keep)[sel])
+    sentences = ["the dog eats .", "a cat", "some very small goats use two old ropes .", "x",
+                 "naïve 🎉 words " * 5]
+    batched = mlsm.pseudo_log_likelihoods(fn, tok, sentences, cfg, torch.device("cpu"))
+    for s, got in zip(sentences, batched):
+        ids = torch.tensor([[mlsm.CLS] + tok.encode(s)[: cfg.seq_len - 2] + [mlsm.SEP]])  # (1, n)
+        total = 0.0
+        for i in range(1, ids.shape[1] - 1):  # one forward pass per masked position, no padding
+            x = ids.clone()
+            x[0, i] = mlsm.MASK
+            logits = model.mlm_logits(model(x)[0, i])
+            logits[: mlsm.N_SPECIAL] = float("-inf")
+            total += F.log_softmax(logits, -1)[ids[0, i]].item()
+        assert got == pytest.approx(total, abs=1e-4)
+
+
+def test_tie_counts_as_wrong(tok):
+    cfg = mlsm.parse_config(["--preset", "tiny"])
+    uniform = lambda ids, keep, sel: torch.zeros(int(sel.sum()), tok.vocab_size)
+    pairs = {"p": [("the dog eats .", "the dog eat .")], "q": [("dog", "the dogs eat some cake .")]}
+    r = mlsm.minimal_pairs(uniform, tok, pairs, cfg, torch.device("cpu"))
+    # under a uniform model PLL = -n log(V - 4): p has equal lengths (a tie), q prefers the shorter
+    assert r["ties"] == 1 and r["paradigms"] == {"p": 0.0, "q": 1.0} and r["macro"] == 0.5
+
+
+def test_malformed_pairs_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"sentence_good": "a", "sentence_bad": "b", "UID": "x"}\n{"sentence_good": "c"}\n')
+    with pytest.raises(mlsm.UserError, match="a.jsonl:2"):
+        mlsm.load_pairs(tmp_path)
+    with pytest.raises(mlsm.UserError, match="no \\*.jsonl"):
+        mlsm.load_pairs(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,17 +670,26 @@ def concept_amis(out, cfg):
 E2E = ["--n_concepts", "32", "--teacher_steps", "800", "--student_steps", "400", "--head_steps", "300"]
 
 
+def test_baseline_sees_the_same_tokens_as_the_student(tiny_run):
+    _, results = tiny_run
+    seen = results["tokens_seen"]
+    assert seen["MLM baseline"] == seen["MLSM student"] > 0
+    assert results["config"]["student_steps"] == 100 and "MLM baseline" in results["models"]
+
+
 def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
     """Thresholds chosen so that breaking any stage fails: measured here (seed 0 / seed 1) the
     teacher AMI is 0.39 / 0.38 and the student AMI 0.31 / 0.30; an untrained teacher gives 0.23 and
     0.15, a random dictionary 0.25 and 0.22 (reconstruction error 0.80), a teacher that sees the
     masked input a student AMI of 0.18, an untrained student 0.005 and a loss above unigram, an
     untrained head a loss of 6.4."""
-    results = mlsm.main(tiny_args(grammar_corpus, tmp_path, *E2E))
+    results = mlsm.main(tiny_args(grammar_corpus, tmp_path, *E2E, "--blimp", str(grammar_corpus.parent / "pairs")))
     teacher_ami, student_ami = concept_amis(tmp_path, mlsm.parse_config(tiny_args(grammar_corpus, tmp_path, *E2E)))
     m = results["models"]
     print(f"AMI teacher {teacher_ami:.3f}, student {student_ami:.3f}; dev loss unigram {m['unigram']['dev_loss']:.3f}, "
-          f"teacher {m['teacher (MLM)']['dev_loss']:.3f}, MLSM+head {m['MLSM student + head']['dev_loss']:.3f}")
+          f"teacher {m['teacher (MLM)']['dev_loss']:.3f}, MLSM+head {m['MLSM student + head']['dev_loss']:.3f}, "
+          f"baseline {m['MLM baseline']['dev_loss']:.3f}; agreement pairs " +
+          ", ".join(f"{k} {v['BLiMP']['macro']:.3f}" for k, v in m.items() if "BLiMP" in v))
     assert teacher_ami > 0.33 and student_ami > 0.25
     assert results["dictionary"]["rel_error"] < 0.3
     assert m["teacher (MLM)"]["dev_loss"] < m["unigram"]["dev_loss"] - 1.0
