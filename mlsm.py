@@ -2,7 +2,8 @@
 
 Train a masked-LM teacher, turn its hidden states into sparse "latent concepts", pretrain a
 student to predict the concepts of masked tokens, then freeze the student and fit a linear token
-head on its concept logits.
+head on its concept logits -- and show, against an MLM baseline trained on the same batches,
+what each stage bought.
 
 Stages (each saves its output under --out; a re-run skips finished stages and resumes training):
   1. tokenizer   byte-level BPE trained on the corpus                  -> tokenizer.json
@@ -11,7 +12,9 @@ Stages (each saves its output under --out; a re-run skips finished stages and re
   4. concepts    a non-negative sparse dictionary over teacher states  -> dictionary.npz
   5. student     MLSM: predict the teacher's concept distribution      -> student.pt
   6. head        frozen student + linear layer concepts -> tokens      -> head.pt
-  7. report      dev MLM loss/accuracy, dictionary quality, times      -> results.json
+     baseline    a student-sized encoder trained with plain MLM        -> baseline.pt
+  7. report      dev MLM loss/accuracy, BLiMP by pseudo-log-likelihood, dictionary quality,
+                 the most used concepts in context, times              -> results.json, concepts.json
 
 Papers:
   G. Berend. Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
@@ -26,6 +29,7 @@ Run:
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded)
   python mlsm.py --preset cpu --data ../shared/data/babylm_sample   # a CPU, about 30 minutes
   python mlsm.py --preset tiny --data some.txt                      # smoke run, seconds
+  python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
   python mlsm.py --help               # every option
 
 Measured and estimated times per stage are in README.md.
@@ -49,6 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -83,6 +88,8 @@ class Config:
     seed: int = opt(0, "seed for initialisation, batches and masks")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
     compile: bool = opt(False, "torch.compile the encoders (checkpoints stay uncompiled)")
+    bench: bool = opt(False, "measure the speed of every stage at these sizes instead of training; uses "
+                      "the teacher and dictionary in --out when there, and writes bench.json there")
     # tokenizer and data
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
     seq_len: int = opt(128, "tokens per training row, [CLS] and [SEP] included")
@@ -92,7 +99,7 @@ class Config:
     n_layers: int = opt(8, "transformer blocks")
     n_heads: int = opt(8, "attention heads")
     dropout: float = opt(0.1, "dropout in the encoder")
-    # training (AdamW, 1%% linear warmup, linear decay, gradient clipping as in the original)
+    # training (AdamW, 1% linear warmup, linear decay, gradient clipping as in the original)
     batch_size: int = opt(128, "rows per training step")
     lr: float = opt(5e-4, "peak learning rate of teacher and student (the original: 1e-4 for BERT-base)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
@@ -117,7 +124,12 @@ class Config:
     blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs; the default is downloaded when "
                      "missing; '' skips BLiMP")
     supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
-    log_every: int = opt(50, "steps between loss readouts (the only host syncs in the loop)")
+    finetune: str = opt("", "folder of <task>.train.jsonl / <task>.valid.jsonl sentence-pair tasks (BabyLM "
+                        "GLUE format): fine-tune the MLM baseline and the MLSM student on each, when given")
+    finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
+    finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
+    finetune_seeds: int = opt(3, "fine-tuning runs per task and model, with different seeds")
+    log_every: int = opt(50, "steps between loss readouts (a readout waits for the device)")
     ckpt_every: int = opt(500, "steps between resumable checkpoints")
 
 
@@ -136,7 +148,8 @@ PRESETS = {
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "compile", "log_every", "ckpt_every", "blimp", "supplement"}
+RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "log_every", "ckpt_every", "blimp", "supplement",
+            "finetune", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
 
 class UserError(Exception):
@@ -174,18 +187,18 @@ def check_config(cfg):
         problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
     if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
         problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
-    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs"):
+    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens",
-                 "eval_rows", "log_every", "ckpt_every"):
+                 "eval_rows", "log_every", "ckpt_every", "finetune_seeds"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.seq_len < 3:
         problems.append("--seq_len must be at least 3 ([CLS], one token, [SEP])")
     if cfg.d_model % max(cfg.n_heads, 1):
         problems.append(f"--d_model ({cfg.d_model}) must be divisible by --n_heads ({cfg.n_heads})")
-    for name in ("lr", "head_lr", "lam"):
+    for name in ("lr", "head_lr", "lam", "finetune_lr"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name, lo, hi in (("dropout", 0, 1), ("dev_fraction", 0, 1), ("warmup", 0, 1)):
@@ -782,13 +795,18 @@ def normalise_states(h, mean):
 def learn_dictionary(X, cfg):
     """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows.
     Objective (scikit-learn's, the same as the original code's), over codes A >= 0 and D:
-        min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1."""
+        min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
+    subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    from sklearn.exceptions import ConvergenceWarning
 
     dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
                                      fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
                                      random_state=cfg.seed)
-    dl.fit(X)
+    with warnings.catch_warnings():  # the inner lasso of each mini-batch may stop early: harmless for
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the dictionary, and the codes we use
+        dl.fit(X)  # come from SparseCoder, exact; the report shows their reconstruction error
     return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
 
 
@@ -1069,6 +1087,106 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
             "pairs": len(flat), "paradigms": per}
 
 
+def load_tasks(path):
+    """A folder with <task>.train.jsonl and <task>.valid.jsonl files (sentence1, sentence2, label:
+    the BabyLM GLUE format) -> {task: (train, valid)}, each a list of (s1, s2, label)."""
+    tasks = {}
+    for train_file in sorted(Path(path).glob("*.train.jsonl")):
+        task = train_file.name.removesuffix(".train.jsonl")
+        splits = []
+        for f in (train_file, train_file.with_name(f"{task}.valid.jsonl")):
+            if not f.exists():
+                raise UserError(f"{f} is missing: each <task>.train.jsonl needs a <task>.valid.jsonl")
+            split = []
+            for n, line in enumerate(read_text(f).splitlines(), 1):
+                try:
+                    item = json.loads(line)
+                    split.append((str(item["sentence1"]), str(item.get("sentence2") or ""), int(item["label"])))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise UserError(f"{f}:{n} needs sentence1, sentence2 and an integer label ({e})") from None
+            splits.append(split)
+        tasks[task] = tuple(splits)
+    if not tasks:
+        raise UserError(f"no <task>.train.jsonl files in {path}")
+    return tasks
+
+
+class PairClassifier(nn.Module):
+    """A pretrained encoder with a fresh linear classifier over the [CLS] state."""
+
+    def __init__(self, encoder, n_labels):
+        super().__init__()
+        self.encoder, self.clf = encoder, nn.Linear(encoder.ln_f.normalized_shape[0], n_labels)
+
+    def forward(self, ids, keep):
+        return self.clf(self.encoder(ids, keep)[:, 0])  # (B, n_labels)
+
+
+def encode_pairs(tok, pairs, seq_len):
+    """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
+    each sentence cut to half of what fits."""
+    half = (seq_len - 3) // 2
+    seqs = [[CLS] + tok.encode(a)[:half] + [SEP] + tok.encode(b)[:half] + [SEP] for a, b, _ in pairs]
+    ids = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, :len(q)] = torch.tensor(q)
+    return ids, torch.tensor([y for _, _, y in pairs])
+
+
+def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
+    """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
+    with cross-entropy: -> validation accuracy and, for two classes, F1 of class 1."""
+    encoder = build_encoder(cfg, tok.vocab_size)
+    encoder.load_state_dict(state, strict=False)  # subtle: a student's concept head is not needed
+    n_labels = max(y for *_, y in train_pairs + valid_pairs) + 1
+    torch.manual_seed(seed)  # the seed picks the classifier's initial weights and the batches
+    model = PairClassifier(encoder, n_labels).to(device)
+    X, Y = encode_pairs(tok, train_pairs, cfg.seq_len)
+    run_cfg = dataclasses.replace(cfg, seed=seed)
+
+    def loss_fn(step):
+        idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, 4, step)).integers(0, len(X), cfg.batch_size))
+        ids = X[idx]  # (B, T)
+        ids = ids[:, : int((ids != PAD).sum(1).max())].to(device)  # trimmed to the longest pair
+        return F.cross_entropy(model(ids, ids != PAD).float(), Y[idx].to(device)), {}
+
+    train(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device)
+    (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    Xv, Yv = encode_pairs(tok, valid_pairs, cfg.seq_len)
+    with torch.no_grad():
+        pred = torch.cat([model(Xv[i:i + 256].to(device), Xv[i:i + 256].to(device) != PAD).argmax(-1).cpu()
+                          for i in range(0, len(Xv), 256)])
+    r = {"acc": float((pred == Yv).float().mean())}
+    if n_labels == 2:  # F1 of the positive class: 2 TP / (2 TP + FP + FN)
+        tp = int(((pred == 1) & (Yv == 1)).sum())
+        r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
+    return r
+
+
+def probe(models, cfg, tok, tasks, out, device):
+    """Every model x task x seed, identical settings; results cached in finetune.json, so an
+    interrupted probe resumes. -> {task: {model: {"acc": [..], "f1": [..], mean and spread}}}."""
+    path = Path(out) / "finetune.json"
+    done = load_json(path) if path.exists() else {}
+    for task, (train_pairs, valid_pairs) in tasks.items():
+        for model_name, state in models.items():
+            for seed in range(cfg.finetune_seeds):
+                key = f"{task}/{model_name}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
+                if key not in done:
+                    done[key] = finetune(state, cfg, tok, train_pairs, valid_pairs, seed,
+                                         f"finetune_{task}_{seed}", out, device)
+                    save_json(path, done)
+    summary = {}
+    for task in tasks:
+        for model_name in models:
+            runs = [done[f"{task}/{model_name}/{s}/{cfg.finetune_steps}/{cfg.finetune_lr}"]
+                    for s in range(cfg.finetune_seeds)]
+            summary.setdefault(task, {})[model_name] = {
+                m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
+                    "runs": [r[m] for r in runs]} for m in runs[0]}
+    return summary
+
+
 def report(results):
     """One table: what each model achieved, on the same dev masks and the same minimal pairs."""
     sets = [k for k in ("BLiMP", "supplement") if any(k in r for r in results["models"].values())]
@@ -1083,6 +1201,9 @@ def report(results):
     print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
           f"{results['student_zero_codes']:.2%} all-zero targets in student training")
+    for task, per_model in results.get("finetune", {}).items():
+        print(f"fine-tuned on {task} (validation, mean ± std over seeds): " + "; ".join(
+            f"{m} " + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in r.items()) for m, r in per_model.items()))
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items()))
     print("=" * 96)
 
@@ -1186,6 +1307,7 @@ def run(cfg):
         pair_sets["BLiMP"] = load_pairs(cfg.blimp)
     if cfg.supplement:
         pair_sets["supplement"] = load_pairs(cfg.supplement)
+    tasks = load_tasks(cfg.finetune) if cfg.finetune else {}
 
     # 3-6. teacher, concepts, student, head, and the MLM baseline
     warn_if_slow(cfg, count_params(build_encoder(cfg, V)), device)
@@ -1222,21 +1344,164 @@ def run(cfg):
         for set_name, pairs in pair_sets.items():
             models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
     record("evaluation", t0)
+    finetuned = {}
+    if tasks:
+        t0 = time.time()
+        states = {"MLSM student": student.state_dict()}
+        if cfg.baseline:
+            states = {"MLM baseline": baseline.state_dict(), **states}
+        finetuned = probe(states, cfg, tok, tasks, out, device)
+        record("finetune", t0)
     st = student_info["totals"]
     results = {"models": models, "dictionary": dict_info,
                "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
                "tokens_seen": {"MLSM student": st.get("masked", 0),
                                "MLM baseline": baseline_info["totals"]["masked"] if cfg.baseline else None},
-               "seconds": times, "config": dataclasses.asdict(cfg)}
+               "finetune": finetuned, "seconds": times, "config": dataclasses.asdict(cfg)}
     save_json(out / "results.json", results)
     report(results)
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json
+# ---------------------------------------------------------------------------------------------
+
+
+def wall(fn, device, repeat=1):
+    """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def step_flops(model, cfg, masked):
+    """FLOPs of one training step = 3 x forward (the backward pass costs twice the forward):
+    2 per weight per token in the blocks, 4 T C per token per layer for attention's two T x T
+    products, 2 per weight of the head at each masked position."""
+    tokens = cfg.batch_size * cfg.seq_len
+    blocks = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)
+    if model.concept_head is None:
+        head = model.mlm_transform[0].weight.numel() + model.tok_emb.weight.numel()
+    else:
+        head = sum(p.numel() for p in model.concept_head.parameters() if p.dim() == 2)
+    return 3 * (2 * blocks * tokens + 4 * cfg.seq_len * cfg.d_model * cfg.n_layers * tokens + 2 * head * masked)
+
+
+def bench(cfg):
+    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset."""
+    import resource
+    from sklearn.decomposition import sparse_encode
+
+    device, out = pick_device(cfg.device), Path(cfg.out)
+    work = out / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, ckpt_every=10 ** 9, log_every=10 ** 9)  # no checkpoints or syncs
+    r = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": cfg.preset}
+    a = torch.randn(2048, 2048, device=device)
+    r["matmul_GFLOPs"] = 2 * 2048 ** 3 / wall(lambda: a @ a, device, 10) / 1e9
+    trained_run = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
+    if trained_run:  # real rows, a trained teacher and its dictionary make the coder's problems real
+        tok = Tokenizer.load(out / "tokenizer.json")
+        rows, dev_rows, V = load(out / "train_ids.npy", np.load), load(out / "dev_ids.npy", np.load), tok.vocab_size
+    else:
+        V = cfg.vocab_size
+        rows = np.random.default_rng(0).integers(N_SPECIAL, V, (4096, cfg.seq_len))
+        rows[:, 0], rows[:, -1], dev_rows = CLS, SEP, rows[:512]
+    r["states"] = f"trained teacher of {out}" if trained_run else "untrained teacher, random tokens"
+    steps, tokens = 10, cfg.batch_size * cfg.seq_len
+
+    # training steps: the teacher's MLM step, and the student's MLSM step with its targets
+    teacher = build_encoder(cfg, V).to(device)
+    info, sec = None, 0.0
+    for n in (2, steps):  # the first call warms up
+        info, sec = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work, device)
+    r["teacher_tokens_per_s"] = steps * tokens / sec
+    masked = info["masked"] / steps
+    r["teacher_MFU"] = step_flops(teacher, cfg, masked) * steps / sec / (r["matmul_GFLOPs"] * 1e9)
+    if trained_run:
+        try:
+            teacher.load_state_dict(load_torch(out / "teacher.pt")["model"])
+        except RuntimeError:  # parameter shapes differ
+            raise UserError(f"{out} holds a run of other sizes; pass the options it was made with, or "
+                            f"another --out") from None
+    freeze(teacher)
+    H, _ = teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)
+    H = torch.from_numpy(H)
+    mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])
+    t0 = time.perf_counter()
+    D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
+    r["dictionary_fit_s"] = time.perf_counter() - t0
+    r["dictionary_states"] = len(H)
+    if trained_run:
+        z = load(out / "dictionary.npz", lambda p: dict(np.load(p)))
+        D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
+    coder, mean = SparseCoder(D.to(device), cfg.lam), mean.to(device)
+    student = build_encoder(cfg, V, cfg.n_concepts).to(device)
+    for n in (2, steps):
+        _, sec = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
+                       cfg.lr, cfg, work, device)
+    ids, _, sel = get_batch(rows, cfg, 2, 0, device)
+
+    def targets():
+        with torch.no_grad():
+            h = teacher(ids, layer=cfg.teacher_layer)[sel].float()
+            return code_distribution(coder.encode(normalise_states(h, mean)))
+
+    target_s = wall(targets, device, 3)
+    student_s = sec / steps - target_s
+    r["student_tokens_per_s"] = tokens / student_s
+    r["student_MFU"] = step_flops(student, cfg, int(sel.sum())) / student_s / (r["matmul_GFLOPs"] * 1e9)
+    r["targets_over_student_step"] = target_s / student_s
+    r["coder_share_of_targets"] = 1 - wall(lambda: teacher(ids, layer=cfg.teacher_layer), device, 3) / target_s
+
+    # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
+    Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
+    X = normalise_states(torch.from_numpy(Hd).to(device), mean)
+    ours_s = wall(lambda: coder.encode(X), device, 3)
+    t0 = time.perf_counter()
+    ref = sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(), algorithm="lasso_cd", alpha=cfg.lam, positive=True)
+    r["sparse_encode_s"], r["coder_s"] = time.perf_counter() - t0, ours_s
+    r["coder_speedup"] = r["sparse_encode_s"] / ours_s
+    f_ours = coder.objective(X, coder.encode(X)).double()
+    f_ref = coder.objective(X, torch.from_numpy(ref).to(device)).double()
+    r["coder_gap_mean"] = float(((f_ours - f_ref) / f_ref).mean())
+    r["coder_gap_max"] = float(((f_ours - f_ref) / f_ref).max())
+
+    # tokenizer, and minimal pairs scored per second
+    if Path(cfg.data).exists():
+        texts = [read_text(p) for p in find_corpus(cfg.data)[0]]
+        t0 = time.perf_counter()
+        bpe = Tokenizer.train(texts, cfg.vocab_size)
+        r["bpe_train_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r["tokens"] = sum(len(bpe.encode(t)) for t in texts)
+        r["bpe_encode_s"] = time.perf_counter() - t0
+        r["words"] = sum(len(t.split()) for t in texts)
+    if cfg.blimp and Path(cfg.blimp).exists() and trained_run:
+        pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
+        n = sum(len(v) for v in pairs.values())
+        fn = lambda ids, keep, sel: teacher.mlm_logits(teacher(ids, keep)[sel])
+        r["blimp_pairs_per_s"] = n / wall(lambda: minimal_pairs(fn, tok, pairs, cfg, device), device)
+    r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        r["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    shutil.rmtree(work)
+    save_json(out / "bench.json", r)
+    print("\n".join(f"{k:<28}{v:>14.4g}" if isinstance(v, float) else f"{k:<28}{v!s:>14}" for k, v in r.items()))
+    return r
+
+
 def main(argv=None):
     try:
         cfg = parse_config(argv)
-        return run(cfg)
+        return bench(cfg) if cfg.bench else run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -196,10 +196,21 @@ def test_find_corpus_layouts(tmp_path):
 
 
 class ZipServer(http.server.BaseHTTPRequestHandler):
-    """Serves /good (a valid archive), /truncated (cut off mid-way), /missing (404)."""
+    """Serves /good (a valid archive), /truncated (cut off mid-way), /missing (404), and BLiMP
+    files under /blimp/ (valid) and /broken/ (not minimal pairs)."""
     archive = b""
 
     def do_GET(self):
+        if self.path.startswith(("/blimp/", "/broken/")):
+            uid = self.path.rsplit("/", 1)[1].removesuffix(".jsonl")
+            valid = self.path.startswith("/blimp/")
+            body = (json.dumps({"sentence_good": "a b", "sentence_bad": "b a", "UID": uid}) if valid
+                    else "not json").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/missing":
             self.send_error(404)
             return
@@ -242,6 +253,16 @@ def test_download_failures_leave_nothing_behind(server, tmp_path, path, md5, mes
         mlsm.download_corpus(tmp_path / "babylm", url + path, md5 or good_md5)
     assert "--data" in str(e.value)  # the message says how to do it by hand
     assert list(tmp_path.iterdir()) == []
+
+
+def test_download_blimp(server, tmp_path):
+    url, _ = server
+    mlsm.download_blimp(tmp_path / "blimp", url + "/blimp", ["p1", "p2"])
+    assert sorted(mlsm.load_pairs(tmp_path / "blimp")) == ["p1", "p2"]
+    for base, message in (("/broken", "p1.jsonl:1 is not a minimal pair"), ("/missing", "could not download BLiMP")):
+        with pytest.raises(mlsm.UserError, match=message):
+            mlsm.download_blimp(tmp_path / "b2", url + base, ["p1", "p2"])
+        assert not (tmp_path / "b2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blimp"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,6 +655,49 @@ def test_malformed_pairs_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation: the fine-tuning probe
+# ---------------------------------------------------------------------------------------------
+
+
+def food_task(n, seed):
+    """Label 1 when the first sentence mentions a food: separable from the words alone."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = " ".join(sentence(rng)), " ".join(sentence(rng))
+        rows.append({"sentence1": a, "sentence2": b, "label": int(any(word_class(w) == "food" for w in a.split()))})
+    return "\n".join(json.dumps(r) for r in rows)
+
+
+def test_probe_learns_a_separable_task(tiny_run, tmp_path):
+    out, results = tiny_run
+    (tmp_path / "food.train.jsonl").write_text(food_task(600, 0))
+    (tmp_path / "food.valid.jsonl").write_text(food_task(200, 1))
+    tasks = mlsm.load_tasks(tmp_path)
+    cfg = mlsm.parse_config(["--preset", "tiny", "--finetune_steps", "150", "--finetune_lr", "1e-3",
+                             "--finetune_seeds", "2"])
+    tok = mlsm.Tokenizer.load(out / "tokenizer.json")
+    states = {"baseline": torch.load(out / "baseline.pt")["model"]}
+    r = mlsm.probe(states, cfg, tok, tasks, tmp_path, torch.device("cpu"))["food"]["baseline"]
+    chance = max(np.mean([y for *_, y in tasks["food"][1]]), 1 - np.mean([y for *_, y in tasks["food"][1]]))
+    print(f"probe accuracy {r['acc']['runs']} (majority class {chance:.2f})")
+    assert min(r["acc"]["runs"]) > chance + 0.15 and len(r["acc"]["runs"]) == 2 and "f1" in r
+    cached = json.loads((tmp_path / "finetune.json").read_text())
+    assert len(cached) == 2  # an interrupted probe resumes from these
+
+
+def test_malformed_task_files(tmp_path):
+    (tmp_path / "t.train.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 1}\n')
+    with pytest.raises(mlsm.UserError, match="t.valid.jsonl is missing"):
+        mlsm.load_tasks(tmp_path)
+    (tmp_path / "t.valid.jsonl").write_text('{"sentence1": "a", "label": "yes"}\n')
+    with pytest.raises(mlsm.UserError, match="t.valid.jsonl:1"):
+        mlsm.load_tasks(tmp_path)
+    with pytest.raises(mlsm.UserError, match="no <task>.train.jsonl"):
+        mlsm.load_tasks(tmp_path / "none")
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
 
@@ -678,11 +742,11 @@ def test_baseline_sees_the_same_tokens_as_the_student(tiny_run):
 
 
 def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
-    """Thresholds chosen so that breaking any stage fails: measured here (seed 0 / seed 1) the
-    teacher AMI is 0.39 / 0.38 and the student AMI 0.31 / 0.30; an untrained teacher gives 0.23 and
-    0.15, a random dictionary 0.25 and 0.22 (reconstruction error 0.80), a teacher that sees the
-    masked input a student AMI of 0.18, an untrained student 0.005 and a loss above unigram, an
-    untrained head a loss of 6.4."""
+    """Thresholds chosen so that breaking any stage fails. Measured here, teacher / student AMI:
+    0.424 / 0.339 (seed 0) and 0.427 / 0.335 (seed 1). Broken on purpose: an untrained teacher
+    0.19 / 0.11; a random dictionary 0.345 / 0.287 and reconstruction error 0.79 (0.06 when
+    learned); a teacher that sees the masked input, student 0.185; an untrained student 0.003 and a
+    dev loss above unigram; an untrained head, a dev loss of 6.4 (unigram: 3.78)."""
     results = mlsm.main(tiny_args(grammar_corpus, tmp_path, *E2E, "--blimp", str(grammar_corpus.parent / "pairs")))
     teacher_ami, student_ami = concept_amis(tmp_path, mlsm.parse_config(tiny_args(grammar_corpus, tmp_path, *E2E)))
     m = results["models"]
@@ -690,11 +754,23 @@ def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
           f"teacher {m['teacher (MLM)']['dev_loss']:.3f}, MLSM+head {m['MLSM student + head']['dev_loss']:.3f}, "
           f"baseline {m['MLM baseline']['dev_loss']:.3f}; agreement pairs " +
           ", ".join(f"{k} {v['BLiMP']['macro']:.3f}" for k, v in m.items() if "BLiMP" in v))
-    assert teacher_ami > 0.33 and student_ami > 0.25
+    assert teacher_ami > 0.38 and student_ami > 0.3
     assert results["dictionary"]["rel_error"] < 0.3
     assert m["teacher (MLM)"]["dev_loss"] < m["unigram"]["dev_loss"] - 1.0
     assert m["MLSM student + head"]["dev_loss"] < m["unigram"]["dev_loss"] - 1.0
     assert json.loads((tmp_path / "results.json").read_text())["models"] == m
+
+
+def test_bench_smoke(grammar_corpus, tmp_path):
+    """--bench measures; here we only check that it measured everything and that the coder it
+    timed agrees with scikit-learn (speed targets are read from bench.json, never asserted)."""
+    r = mlsm.main(["--bench", "--preset", "tiny", "--data", str(grammar_corpus), "--out", str(tmp_path),
+                   "--dict_tokens", "2000"])
+    assert json.loads((tmp_path / "bench.json").read_text()) == r
+    for key in ("matmul_GFLOPs", "teacher_tokens_per_s", "student_tokens_per_s", "targets_over_student_step",
+                "coder_speedup", "dictionary_fit_s", "bpe_train_s", "peak_memory_MB"):
+        assert r[key] > 0
+    assert r["coder_gap_max"] < 1e-4 and not (tmp_path / "bench").exists()
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="../shared/data/babylm_sample is not here")
