@@ -27,7 +27,7 @@ Papers:
 Run:
   pip install -r requirements.txt
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded)
-  python mlsm.py --preset cpu --data ../shared/data/babylm_sample   # a CPU, about 30 minutes
+  python mlsm.py --preset cpu --data ../shared/data/babylm_sample   # a CPU, about 45 minutes
   python mlsm.py --preset tiny --data some.txt                      # smoke run, seconds
   python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
   python mlsm.py --help               # every option
@@ -80,7 +80,7 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("laptop", "laptop (GPU, full 10M words), cpu (about 30 min on 2 cores), tiny (smoke)")
+    preset: str = opt("laptop", "laptop (GPU, full 10M words), cpu (about 45 min on 2 cores), tiny (smoke)")
     data: str = opt("data/babylm_10M", "directory of *.train / *.txt files (*.dev or a dev/ folder = "
                     "dev split) or one text file; the default is downloaded when missing")
     out: str = opt("", "run directory for every artifact (default: runs/<preset>)")
@@ -136,7 +136,7 @@ class Config:
 # Presets only change sizes; every field can still be set on the command line.
 PRESETS = {
     "laptop": {},
-    # Sized on the 2-core CPU this project is developed on: about 30 minutes on the 3.15M-word sample.
+    # Sized on the 2-core CPU this project is developed on: 47 minutes on the 3.15M-word sample.
     "cpu": dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0, batch_size=32, lr=1e-3,
                 teacher_steps=1000, student_steps=1000, head_steps=300, n_concepts=1024,
                 dict_tokens=32_000, eval_rows=256, ckpt_every=100),
@@ -1260,7 +1260,7 @@ def warn_if_slow(cfg, n_params, device):
     tokens = (cfg.teacher_steps + 1.3 * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
     hours = 6 * n_params * tokens / (0.5 * flops) / 3600  # training ~ 6 FLOPs per parameter per token
     print(f"warning: the laptop preset on this CPU would take about {hours:.0f} hours (estimate from a "
-          f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 30 minutes",
+          f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 45 minutes",
           file=sys.stderr)
 
 

@@ -211,7 +211,7 @@ class ZipServer(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
-        if self.path == "/missing":
+        if self.path.startswith("/missing"):
             self.send_error(404)
             return
         self.send_response(200)
