@@ -943,15 +943,22 @@ def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def concept_targets(teacher, coder, mean, ids, sel, cfg):
+    """Unmasked ids (B, T), masked positions sel (B, T) -> the teacher's concept distributions
+    p (M, K) at those positions, and valid (M,): False where the code is all zero.
+    subtle: the teacher sees the *unmasked* input, as in the original."""
+    h = teacher(ids, layer=cfg.teacher_layer)[sel].float()  # (M, C)
+    with torch.autocast(ids.device.type, enabled=False):  # subtle: the exact solver needs fp32
+        return code_distribution(coder.encode(normalise_states(h, mean)))
+
+
 def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
     net = compiled(student, cfg)
 
     def loss_fn(step):
         ids, x, sel = get_batch(rows, cfg, 2, step, device)  # (B, T) each
-        with torch.no_grad():  # subtle: the teacher sees the *unmasked* input, as in the original
-            h_t = teacher(ids, layer=cfg.teacher_layer)[sel].float()  # (M, C)
-            with torch.autocast(device.type, enabled=False):  # subtle: the exact solver needs fp32
-                p, valid = code_distribution(coder.encode(normalise_states(h_t, mean)))  # (M, K), (M,)
+        p, valid = concept_targets(teacher, coder, mean, ids, sel, cfg)  # (M, K), (M,)
         h = net(x)[sel]  # (M, C)
         loss = concept_kl(student.concept_logits(h), p, valid)
         if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
@@ -1450,13 +1457,7 @@ def bench(cfg):
         _, sec = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
                        cfg.lr, cfg, work, device)
     ids, _, sel = get_batch(rows, cfg, 2, 0, device)
-
-    def targets():
-        with torch.no_grad():
-            h = teacher(ids, layer=cfg.teacher_layer)[sel].float()
-            return code_distribution(coder.encode(normalise_states(h, mean)))
-
-    target_s = wall(targets, device, 3)
+    target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, sel, cfg), device, 3)
     student_s = sec / steps - target_s
     r["student_tokens_per_s"] = tokens / student_s
     r["student_MFU"] = step_flops(student, cfg, int(sel.sum())) / student_s / (r["matmul_GFLOPs"] * 1e9)
