@@ -866,7 +866,14 @@ class SparseCoder:
 
     def __init__(self, D, lam, slots=4):
         self.D, self.lam, self.slots = D, lam, slots  # D (K, C)
-        self.G = D @ D.T  # (K, K)
+        self.G = D.double() @ D.double().T  # (K, K); float64, see below
+
+    @staticmethod
+    def support(idx, on, K):
+        """Slots (n, s) -> (n, K) bool, True for the atoms in S. subtle: a free slot may still name
+        an atom that is back in S in another slot, so scatter_add: with scatter_, the free slot's
+        False could overwrite the True, and the atom would enter S twice (a singular G_SS)."""
+        return torch.zeros(len(idx), K, device=idx.device).scatter_add_(1, idx, on.float()) > 0
 
     @torch.no_grad()
     def encode(self, X):
@@ -876,16 +883,15 @@ class SparseCoder:
         N, s = len(X), min(self.slots, K)
         idx = torch.zeros(N, s, dtype=torch.long, device=dev)  # (N, s) atom in each slot
         on = torch.zeros(N, s, dtype=torch.bool, device=dev)  # (N, s) slot in use
-        a = torch.zeros(N, s, device=dev)  # (N, s) coefficient in each slot
+        a = torch.zeros(N, s, device=dev, dtype=torch.float64)  # (N, s) coefficient in each slot
         live = torch.arange(N, device=dev)  # rows not yet optimal
         w = XD - self.lam  # (n, K) negative gradient of the live rows, at a = 0
         while True:
-            in_S = torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx[live], on[live])  # (n, K)
-            best, new = w.masked_fill(in_S, -math.inf).max(1)
+            best, new = w.masked_fill(self.support(idx[live], on[live], K), -math.inf).max(1)
             keep = best > 1e-6  # subtle: the one host sync per added atom, the price of exactness
             live, new = live[keep], new[keep]
             if len(live) == 0:
-                return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a)  # free slots add 0
+                return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a.float())  # free slots add 0
             if on[live].all(1).any():  # some row's support fills its slots: double them
                 pad = lambda t: torch.cat([t, torch.zeros_like(t)], 1)
                 idx, on, a, s = pad(idx), pad(on), pad(a), 2 * s
@@ -893,11 +899,14 @@ class SparseCoder:
             free = (~ol).to(torch.int8).argmax(1)  # first free slot
             rows = torch.arange(len(live), device=dev)
             Il[rows, free], ol[rows, free] = new, True
-            b = XD[live].gather(1, Il) - self.lam  # (n, s)
+            b = XD[live].gather(1, Il).double() - self.lam  # (n, s)
             while True:
                 both = ol.unsqueeze(2) & ol.unsqueeze(1)  # (n, s, s)
+                # subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS
+                # too ill-conditioned for float32: the small solves run in float64
                 G_SS = self.G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
-                z = torch.linalg.solve(torch.where(both, G_SS, torch.eye(s, device=dev)), torch.where(ol, b, 0))
+                eye = torch.eye(s, device=dev, dtype=torch.float64)
+                z = torch.linalg.solve(torch.where(both, G_SS, eye), torch.where(ol, b, 0))
                 bad = ol & (z <= 0)  # z (n, s): the optimum on S, ignoring a >= 0
                 if not bad.any():
                     break
@@ -909,7 +918,7 @@ class SparseCoder:
             al = torch.where(ol, z, 0)
             idx[live], on[live], a[live] = Il, ol, al
             # w through the residual x - a D: n x C x K, where a G would cost n x K x K
-            r = X[live] - torch.bmm(al.unsqueeze(1), F.embedding(Il, D)).squeeze(1)  # (n, C)
+            r = X[live] - torch.bmm(al.float().unsqueeze(1), F.embedding(Il, D)).squeeze(1)  # (n, C)
             w = r @ D.T - self.lam  # (n, K)
 
     def objective(self, X, A):
@@ -1272,7 +1281,10 @@ def report(results):
     print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
           f"{results['student_zero_codes']:.2%} all-zero targets in student training")
-    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items()))
+    times = results["seconds"]
+    evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
+    print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation; "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("=" * 100)
 
 

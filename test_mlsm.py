@@ -508,6 +508,14 @@ def test_sparse_coder_matches_sklearn(K, slots):
     torch.testing.assert_close(A, ref, atol=1e-3, rtol=0)
 
 
+def test_support_counts_an_atom_in_a_used_slot_even_if_a_free_slot_names_it():
+    # row 0: atom 5 was dropped from slot 2 and came back in slot 0 (the case a real run hit)
+    idx = torch.tensor([[5, 7, 5, 9], [1, 2, 3, 4]])
+    on = torch.tensor([[True, True, False, False], [False, True, False, True]])
+    support = mlsm.SparseCoder.support(idx, on, 10)
+    assert support[0].nonzero().squeeze(1).tolist() == [5, 7] and support[1].nonzero().squeeze(1).tolist() == [2, 4]
+
+
 def test_learn_dictionary_recovers_planted_atoms():
     """States that are non-negative mixtures of two of 8 atoms: the learned atoms find them all,
     where random unit vectors in 20 dimensions would reach a cosine of about 0.5."""
