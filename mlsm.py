@@ -109,7 +109,8 @@ class Config:
     teacher_steps: int = opt(10000, "teacher MLM training steps")
     student_steps: int = opt(20000, "MLSM student training steps")
     head_steps: int = opt(2000, "frozen-backbone token head training steps")
-    head_lr: float = opt(1e-3, "peak learning rate of the token head")
+    head_lr: float = opt(1e-4, "peak learning rate of the token head (1e-3 and more overshoot: concept "
+                         "logits are large)")
     # concepts
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
@@ -1038,11 +1039,26 @@ def freeze(model):
     return model.eval()
 
 
+def unigram_logp(rows, vocab_size):
+    """Log training-set frequencies of the tokens, add-one smoothed -> (V,) float32."""
+    counts = np.bincount(rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
 def train_head(cfg, student, rows, vocab_size, out, device):
     """Only a linear layer with bias from the student's K concept logits to V token logits is
-    trained, with MLM cross-entropy; every student parameter stays as it was."""
+    trained, with MLM cross-entropy; every student parameter stays as it was.
+
+    Init (ours; the paper does not say): W = 0 and b = log unigram frequencies, so the head
+    starts as the unigram model and what it learns beyond that comes from the concepts. With
+    PyTorch's default init, concept logits of magnitude ~10 give random token logits far from
+    any sensible distribution, and a few hundred steps ended 0.4 nats *above* unigram."""
     freeze(student)
-    head = nn.Linear(cfg.n_concepts, vocab_size).to(device)
+    head = nn.Linear(cfg.n_concepts, vocab_size)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(unigram_logp(rows, vocab_size))
+    head = head.to(device)
 
     def loss_fn(step):
         ids, x, sel = get_batch(rows, cfg, 3, step, device)
@@ -1078,8 +1094,7 @@ def eval_mlm(token_logits, rows, cfg, device):
 
 def unigram_baseline(train_rows, dev_rows, vocab_size, cfg, device):
     """The same dev numbers for a model that ignores context: train-set unigram frequencies."""
-    counts = np.bincount(train_rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0  # add-one smoothing
-    logp = torch.from_numpy(np.log(counts / counts.sum())).float().to(device)  # (V,)
+    logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
     return eval_mlm(lambda x, keep, sel: logp.expand(int(sel.sum()), -1), dev_rows, cfg, device)
 
 
