@@ -138,7 +138,8 @@ class Config:
 # Presets only change sizes; every field can still be set on the command line.
 PRESETS = {
     "laptop": {},
-    # Sized on the 2-core CPU this project is developed on: 47 minutes on the 3.15M-word sample.
+    # Sized on the 2-core CPU this project is developed on: 43 minutes on the 3.15M-word sample,
+    # fine-tuning included.
     "cpu": dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0, batch_size=32, lr=1e-3,
                 teacher_steps=1000, student_steps=1000, head_steps=300, n_concepts=1024,
                 dict_tokens=32_000, eval_rows=256, ckpt_every=100, finetune_steps=100),
@@ -1130,11 +1131,13 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
     jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
     pll, b = np.zeros(len(seqs)), 0
     while b < len(jobs):
-        e = b + 1  # grow the batch while its padded size stays within 2 training batches of tokens (more is slower on a CPU: cache)
+        e = b + 1  # grow the batch while its padded size stays within 2 training batches of tokens
+        # (bigger batches were slower on a CPU: their activations fall out of the cache)
         while e < len(jobs) and (e + 1 - b) * jobs[e][0] <= 2 * cfg.batch_size * cfg.seq_len:
             e += 1
         chunk, b = jobs[b:e], e
-        ids = torch.from_numpy(padded[[j for _, j, _ in chunk], : chunk[-1][0]]).to(device)  # (B, T), longest last
+        ids = padded[[j for _, j, _ in chunk], : chunk[-1][0]]  # (B, T): the longest copy is last
+        ids = torch.from_numpy(ids).to(device)
         rows = torch.arange(len(chunk), device=device)
         pos = torch.tensor([i for _, _, i in chunk], device=device)
         sel = torch.zeros_like(ids, dtype=torch.bool)
@@ -1274,7 +1277,7 @@ def report(results):
     cell = lambda r, fmt: fmt(r) if r is not None else "-"
     columns = [("dev loss", 9, lambda r: cell(r.get("dev_loss"), "{:.3f}".format)),
                ("dev acc", 8, lambda r: cell(r.get("dev_acc"), "{:.3f}".format))]
-    columns += [(f"{s} (ties)", 17, lambda r, s=s: cell(r.get(s), lambda b: f"{b['macro']:.3f} ({b['ties']})"))
+    columns += [(f"{s} (ties)", 19, lambda r, s=s: cell(r.get(s), lambda b: f"{b['macro']:.3f} ({b['ties']})"))
                 for s in sets]
     columns += [(f"{t} acc", 14, lambda r, t=t: cell(r.get("finetune", {}).get(t),
                                                         lambda f: f"{f['acc']['mean']:.3f} ± {f['acc']['std']:.3f}"))
