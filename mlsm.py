@@ -559,14 +559,24 @@ def encode_corpus(cfg, tok, train_files, dev_files):
 
 
 def mask_tokens(ids, rate, gen):
-    """Select `rate` of the non-special tokens and replace them all by [MASK].
+    """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = round(rate * (T-2))
+    positions per row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked), every one
+    replaced by [MASK].
 
     The original MLSM code replaces every selected token by [MASK] (no BERT 80/10/10); we follow it.
     80/10/10 exists to soften the mismatch between pretraining and fine-tuning inputs, which
-    matters less here than staying comparable to the paper."""
-    sel = torch.rand(ids.shape, generator=gen, device=ids.device) < rate  # (B, T)
-    sel &= ids >= N_SPECIAL  # subtle: [CLS], [SEP] and [PAD] are never masked
-    return ids.masked_fill(sel, MASK), sel
+    matters less here than staying comparable to the paper. The original selects each token with
+    probability `rate`; we select exactly m per row (ours), so every batch has M = B m masked
+    positions and the step never waits for the GPU to learn how many there are."""
+    B, T = ids.shape
+    m = max(1, round(rate * (T - 2)))
+    pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1  # (B, m)
+    return ids.scatter(1, pos, MASK), pos
+
+
+def at(x, pos):
+    """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
+    return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
 
 
 def step_seed(cfg, salt, step):
@@ -576,7 +586,7 @@ def step_seed(cfg, salt, step):
 
 
 def get_batch(rows, cfg, salt, step, device):
-    """Random rows for one step -> (ids (B, T) on device, masked ids (B, T), selection (B, T))."""
+    """Random rows for one step -> (ids (B, T) on device, masked ids (B, T), masked positions (B, m))."""
     seed = step_seed(cfg, salt, step)
     idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
     ids = torch.from_numpy(rows[idx].astype(np.int64))  # (B, T)
@@ -599,9 +609,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x, keep=None, sel=None):
+    def forward(self, x, keep=None, pos=None):
         """x (B, T, C); keep (B, T) True for real tokens, False for padding, or None (no padding);
-        sel (B, T) bool or None -> outputs at every position (B, T, C), or only at sel's (M, C)."""
+        pos (B, m) positions or None -> outputs at every position (B, T, C), or at pos only (B m, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, C/H)
         mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T): which keys to attend to
@@ -609,7 +619,7 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, C/H)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y if sel is None else y[sel])
+        return self.proj(y if pos is None else at(y, pos))
 
 
 class Block(nn.Module):
@@ -619,9 +629,9 @@ class Block(nn.Module):
         self.attn = SelfAttention(C, H, dropout)
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(dropout))
 
-    def forward(self, x, keep=None, sel=None):
-        """(B, T, C) -> (B, T, C), or (M, C) at the positions of sel (B, T) only."""
-        x = (x if sel is None else x[sel]) + self.attn(self.ln1(x), keep, sel)  # pre-LN: normalise each
+    def forward(self, x, keep=None, pos=None):
+        """(B, T, C) -> (B, T, C), or (B m, C) at positions pos (B, m) only."""
+        x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)  # pre-LN: normalise each
         return x + self.mlp(self.ln2(x))  # sub-layer's input
 
 
@@ -652,20 +662,20 @@ class Encoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, ids, keep=None, layer=None, sel=None):
+    def forward(self, ids, keep=None, layer=None, pos=None):
         """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f);
-        with sel (B, T) bool, only those positions' states (M, C), in the order of h[sel].
+        with pos (B, m), only the states at those positions (B m, C), row by row.
 
-        Why sel: the losses need states at masked positions only, and a position's state after the
+        Why pos: the losses need states at masked positions only, and a position's state after the
         last block depends on the others only through attention's keys and values, so the last
         block runs its attention output, projection and MLP at those ~15% of positions alone. That
-        saves ~60% of the last block: 15% of a step at 4 layers. subtle: on a GPU, boolean
-        indexing waits for the device once, to learn M."""
+        saves ~60% of the last block: 15% of a step at 4 layers. Positions, not a boolean mask:
+        a mask's count is data, and a GPU would have to stop and report it to size the output."""
         B, T = ids.shape
         x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
         layer = len(self.blocks) if layer in (None, -1) else layer
         for i, block in enumerate(self.blocks[:layer]):
-            x = block(x, keep, sel if i == layer - 1 else None)
+            x = block(x, keep, pos if i == layer - 1 else None)
         return self.ln_f(x) if layer == len(self.blocks) else x
 
     def mlm_logits(self, h):
@@ -790,9 +800,9 @@ def mlm_step(model, rows, cfg, salt, device):
     net = compiled(model, cfg)
 
     def loss_fn(step):
-        ids, x, sel = get_batch(rows, cfg, salt, step, device)  # (B, T) each
-        h = net(x, sel=sel)  # (M, C): heads only at masked positions
-        return mlm_loss(model.mlm_logits(h), ids[sel]), {"masked": sel.sum()}
+        ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
+        h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
+        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": torch.tensor(pos.numel())}
     return loss_fn
 
 
@@ -859,15 +869,20 @@ class SparseCoder:
     badly conditioned (near-parallel atoms), so first-order methods stop far from the optimum (a 7%
     objective gap after 100 FISTA iterations, see README). Codes have only ~10 non-zeros, so we use
     the active-set method of Lawson & Hanson instead, batched over rows, which ends at the exact
-    solution. With the support S of a and w = (x - a D) D^T - lam (the negative gradient):
-      1. if no atom outside S has w_k > 0, a is optimal (the KKT conditions hold);
-      2. else add the atom with the largest w_k to S and solve G_SS z = (x D^T - lam)_S, G = D D^T;
-      3. while some z_k <= 0: move a towards z until the first coefficient hits 0, drop it, re-solve.
-    Each row keeps S in `slots` slots (doubled when a row fills them); rows that are optimal leave
-    the batch, so the cost follows the number of non-zeros, not K."""
+    solution. Each row keeps its support S in a few slots; with z the least-squares solution on S,
+    G_SS z = (x D^T - lam)_S (G = D D^T), and w = (x - a D) D^T - lam the negative gradient, a round
+    makes one of two moves in every row:
+      drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
+      add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
+            and if none has, a is optimal (the KKT conditions hold) and the row is done.
+    Every round is the same batched work whatever the data, so a GPU runs all `rounds` of them
+    without once waiting to be told which rows are done (done rows stay where they are). On the
+    CPU, asking costs nothing: rows that are done leave, and the loop ends with the last one
+    (`shrink`, by default on the CPU only)."""
 
-    def __init__(self, D, lam, slots=4):
-        self.D, self.lam, self.slots = D, lam, slots  # D (K, C)
+    def __init__(self, D, lam, rounds=100, slots=32, shrink=None):
+        self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots  # D (K, C)
+        self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.G = D.double() @ D.double().T  # (K, K); float64, see below
 
     @staticmethod
@@ -879,49 +894,50 @@ class SparseCoder:
 
     @torch.no_grad()
     def encode(self, X):
-        """X (N, C) float32 -> codes A (N, K) >= 0."""
-        D, (K, C), dev = self.D, self.D.shape, X.device
+        """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds`
+        rounds or `slots` atoms were not enough (that code is feasible but not optimal)."""
+        D, G, (K, C), dev = self.D, self.G, self.D.shape, X.device
+        N = len(X)
         XD = X @ D.T  # (N, K)
-        N, s = len(X), min(self.slots, K)
-        idx = torch.zeros(N, s, dtype=torch.long, device=dev)  # (N, s) atom in each slot
-        on = torch.zeros(N, s, dtype=torch.bool, device=dev)  # (N, s) slot in use
-        a = torch.zeros(N, s, device=dev, dtype=torch.float64)  # (N, s) coefficient in each slot
-        live = torch.arange(N, device=dev)  # rows not yet optimal
-        w = XD - self.lam  # (n, K) negative gradient of the live rows, at a = 0
-        while True:
-            best, new = w.masked_fill(self.support(idx[live], on[live], K), -math.inf).max(1)
-            keep = best > 1e-6  # subtle: the one host sync per added atom, the price of exactness
-            live, new = live[keep], new[keep]
-            if len(live) == 0:
-                return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a.float())  # free slots add 0
-            if on[live].all(1).any():  # some row's support fills its slots: double them
-                pad = lambda t: torch.cat([t, torch.zeros_like(t)], 1)
-                idx, on, a, s = pad(idx), pad(on), pad(a), 2 * s
+        idx = torch.zeros(N, 4, dtype=torch.long, device=dev)  # (N, s) atom in each slot
+        on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in use
+        a = torch.zeros(N, 4, dtype=torch.float64, device=dev)  # (N, s) coefficient in each slot
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        live = torch.arange(N, device=dev)  # the rows still worked on
+        for r in range(self.rounds):
+            s = idx.shape[1]
+            if r >= s and s < self.slots:  # |S| <= r: slots grow on a schedule, not on the data
+                idx, on, a = (torch.cat([t, torch.zeros_like(t)], 1) for t in (idx, on, a))
+                s *= 2
             Il, ol, al = idx[live], on[live], a[live]  # (n, s) each
-            free = (~ol).to(torch.int8).argmax(1)  # first free slot
-            rows = torch.arange(len(live), device=dev)
-            Il[rows, free], ol[rows, free] = new, True
-            b = XD[live].gather(1, Il).double() - self.lam  # (n, s)
-            while True:
-                both = ol.unsqueeze(2) & ol.unsqueeze(1)  # (n, s, s)
-                # subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS
-                # too ill-conditioned for float32: the small solves run in float64
-                G_SS = self.G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
-                eye = torch.eye(s, device=dev, dtype=torch.float64)
-                z = torch.linalg.solve(torch.where(both, G_SS, eye), torch.where(ol, b, 0))
-                bad = ol & (z <= 0)  # z (n, s): the optimum on S, ignoring a >= 0
-                if not bad.any():
+            # subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS
+            # too ill-conditioned for float32: the small solves run in float64
+            G_SS = G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
+            eye = torch.eye(s, device=dev, dtype=torch.float64)  # unused slots solve z = 0
+            b = torch.where(ol, XD[live].gather(1, Il).double() - self.lam, 0)  # (n, s)
+            z = torch.linalg.solve_ex(torch.where(ol.unsqueeze(2) & ol.unsqueeze(1), G_SS, eye), b).result
+            # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
+            bad = ol & (z <= 0)  # (n, s)
+            ratio = torch.where(bad, al / (al - z), math.inf)
+            step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
+            ol = ol & ~(bad & (ratio <= step))
+            al = torch.where(ol, al + step * (z - al), 0)
+            # add: the gradient through the residual x - a D
+            A = torch.zeros(len(Il), K, device=dev).scatter_add_(1, Il, al.float())  # (n, K); free slots add 0
+            w = (X[live] - A @ D) @ D.T - self.lam  # (n, K)
+            best, new = w.masked_fill(self.support(Il, ol, K), -math.inf).max(1)  # (n,)
+            optimal_on_S = ~bad.any(1)
+            add = optimal_on_S & (best > 1e-6) & ~ol.all(1)
+            rows, free = torch.arange(len(Il), device=dev), (~ol).to(torch.int8).argmax(1)  # first free slot
+            Il[rows, free] = torch.where(add, new, Il[rows, free])
+            ol[rows, free] |= add
+            dl = optimal_on_S & (best <= 1e-6)
+            idx[live], on[live], a[live], done[live] = Il, ol, al, dl
+            if self.shrink:
+                live = live[~dl]
+                if len(live) == 0:
                     break
-                ratio = torch.where(bad, al / (al - z), math.inf)  # how far a can move before a_k hits 0
-                step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1)
-                al = al + step * (z - al)
-                ol &= ~(bad & (ratio <= step))
-                al = torch.where(ol, al, 0)
-            al = torch.where(ol, z, 0)
-            idx[live], on[live], a[live] = Il, ol, al
-            # w through the residual x - a D: n x C x K, where a G would cost n x K x K
-            r = X[live] - torch.bmm(al.float().unsqueeze(1), F.embedding(Il, D)).squeeze(1)  # (n, C)
-            w = r @ D.T - self.lam  # (n, K)
+        return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a.float()), done
 
     def objective(self, X, A):
         """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
@@ -937,10 +953,11 @@ def code_distribution(A):
 
 def dictionary_stats(coder, X):
     """Quality of the dictionary on held-out normalised states X (N, C)."""
-    A = coder.encode(X)
+    A, solved = coder.encode(X)
     err = ((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()
     nnz = (A > 0).sum(-1).float()
-    return {"rel_error": float(err), "nonzeros": float(nnz.mean()), "zero_share": float((nnz == 0).float().mean())}
+    return {"rel_error": float(err), "nonzeros": float(nnz.mean()), "zero_share": float((nnz == 0).float().mean()),
+            "unsolved": int((~solved).sum())}
 
 
 def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
@@ -973,7 +990,7 @@ def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
     rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
     ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
     h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
-    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean)).cpu()  # (B*(T-2), K)
+    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean))[0].cpu()  # (B*(T-2), K)
     share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
     concepts = []
     for k in share.argsort(descending=True)[:top].tolist():
@@ -998,26 +1015,29 @@ def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
 
 
 @torch.no_grad()
-def concept_targets(teacher, coder, mean, ids, sel, cfg):
-    """Unmasked ids (B, T), masked positions sel (B, T) -> the teacher's concept distributions
-    p (M, K) at those positions, and valid (M,): False where the code is all zero.
-    subtle: the teacher sees the *unmasked* input, as in the original."""
-    h = teacher(ids, layer=cfg.teacher_layer, sel=sel).float()  # (M, C)
+def concept_targets(teacher, coder, mean, ids, pos, cfg):
+    """Unmasked ids (B, T), masked positions pos (B, m) -> the teacher's concept distributions
+    p (M, K) at those positions, has_mass (M,): False where the code is all zero, and solved (M,):
+    False where the coder stopped short of the optimum. subtle: the teacher sees the *unmasked*
+    input, as in the original."""
+    h = teacher(ids, layer=cfg.teacher_layer, pos=pos).float()  # (M, C)
     with torch.autocast(ids.device.type, enabled=False):  # subtle: the exact solver needs fp32
-        return code_distribution(coder.encode(normalise_states(h, mean)))
+        A, solved = coder.encode(normalise_states(h, mean))
+    return (*code_distribution(A), solved)
 
 
 def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
     net = compiled(student, cfg)
 
     def loss_fn(step):
-        ids, x, sel = get_batch(rows, cfg, 2, step, device)  # (B, T) each
-        p, valid = concept_targets(teacher, coder, mean, ids, sel, cfg)  # (M, K), (M,)
-        h = net(x, sel=sel)  # (M, C)
-        loss = concept_kl(student.concept_logits(h), p, valid)
+        ids, x, pos = get_batch(rows, cfg, 2, step, device)  # (B, T), (B, T), (B, m)
+        p, has_mass, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)  # (M, K), (M,), (M,)
+        h = net(x, pos=pos)  # (M, C)
+        loss = concept_kl(student.concept_logits(h), p, has_mass & solved)
         if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
-            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), ids[sel])
-        return loss, {"masked": sel.sum(), "zero_codes": (~valid).sum()}
+            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), at(ids, pos))
+        return loss, {"masked": torch.tensor(pos.numel()), "zero_codes": (~has_mass).sum(),
+                      "unsolved_codes": (~solved).sum()}
     return loss_fn
 
 
@@ -1062,10 +1082,10 @@ def train_head(cfg, student, rows, vocab_size, out, device):
     head = head.to(device)
 
     def loss_fn(step):
-        ids, x, sel = get_batch(rows, cfg, 3, step, device)
+        ids, x, pos = get_batch(rows, cfg, 3, step, device)
         with torch.no_grad():
-            z = student.concept_logits(student(x, sel=sel))  # (M, K)
-        return mlm_loss(head(z.float()), ids[sel]), {}
+            z = student.concept_logits(student(x, pos=pos))  # (M, K)
+        return mlm_loss(head(z.float()), at(ids, pos)), {}
 
     return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device)
 
@@ -1077,16 +1097,16 @@ def train_head(cfg, student, rows, vocab_size, out, device):
 
 @torch.no_grad()
 def eval_mlm(token_logits, rows, cfg, device):
-    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, selection) -> (M, V) on
+    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, positions (B, m)) -> (M, V) on
     the first eval_rows dev rows, with the same fixed masks for every model."""
     rows = rows[: cfg.eval_rows]
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     loss = correct = n = 0.0
     for i in range(0, len(rows), cfg.batch_size):
         ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
-        x, sel = mask_tokens(ids, cfg.mask_rate, gen)
-        logits = token_logits(x, None, sel).float()  # (M, V); keep None: full rows, no padding
-        y = ids[sel]  # (M,)
+        x, pos = mask_tokens(ids, cfg.mask_rate, gen)
+        logits = token_logits(x, None, pos).float()  # (M, V); keep None: full rows, no padding
+        y = at(ids, pos)  # (M,)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         n += len(y)
@@ -1096,7 +1116,7 @@ def eval_mlm(token_logits, rows, cfg, device):
 def unigram_baseline(train_rows, dev_rows, vocab_size, cfg, device):
     """The same dev numbers for a model that ignores context: train-set unigram frequencies."""
     logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
-    return eval_mlm(lambda x, keep, sel: logp.expand(int(sel.sum()), -1), dev_rows, cfg, device)
+    return eval_mlm(lambda x, keep, pos: logp.expand(pos.numel(), -1), dev_rows, cfg, device)
 
 
 def load_pairs(path):
@@ -1121,7 +1141,7 @@ def load_pairs(path):
 @torch.no_grad()
 def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
     """PLL(s) = sum_i log p(s_i | s with token i masked)  (Salazar et al. 2020), one masked copy of
-    the sentence per token, many copies per batch. token_logits(ids (B, T), keep (B, T), sel (B, T))
+    the sentence per token, many copies per batch. token_logits(ids (B, T), keep (B, T), pos (B, 1))
     -> (M, V). The softmax is over real tokens: special tokens are never the answer.
     Sentences longer than seq_len are cut to it. -> (len(sentences),) float64 numpy."""
     seqs = [[CLS] + tok.encode(s)[: cfg.seq_len - 2] + [SEP] for s in sentences]
@@ -1138,13 +1158,10 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
         chunk, b = jobs[b:e], e
         ids = padded[[j for _, j, _ in chunk], : chunk[-1][0]]  # (B, T): the longest copy is last
         ids = torch.from_numpy(ids).to(device)
-        rows = torch.arange(len(chunk), device=device)
-        pos = torch.tensor([i for _, _, i in chunk], device=device)
-        sel = torch.zeros_like(ids, dtype=torch.bool)
-        sel[rows, pos] = True  # (B, T): the one masked position of each copy
-        logits = token_logits(ids.masked_fill(sel, MASK), ids != PAD, sel).float()  # (B, V)
+        pos = torch.tensor([[i] for _, _, i in chunk], device=device)  # (B, 1): each copy's masked position
+        logits = token_logits(ids.scatter(1, pos, MASK), ids != PAD, pos).float()  # (B, V)
         logits[:, :N_SPECIAL] = -math.inf
-        logp = F.log_softmax(logits, -1).gather(1, ids[rows, pos][:, None]).squeeze(1)  # (B,)
+        logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
         np.add.at(pll, [j for _, j, _ in chunk], logp.cpu().double().numpy())
     return pll
 
@@ -1298,7 +1315,8 @@ def report(results):
     d = results["dictionary"]
     print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
-          f"{results['student_zero_codes']:.2%} all-zero targets in student training")
+          f"{results['student_zero_codes']:.2%} all-zero and {results['student_unsolved_codes']:.0f} unsolved "
+          f"targets in student training (left out of the loss)")
     times = results["seconds"]
     evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
     print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation; "
@@ -1420,20 +1438,20 @@ def run(cfg):
     head, head_info = train_head(cfg, student, train_rows, V, out, device)
     times.update(teacher=teacher_info["seconds"], concepts=dict_info["seconds"], student=student_info["seconds"],
                  head=head_info["seconds"])
-    # name -> (token_logits(ids, keep, sel) -> (M, V), training seconds)
-    scorers = {"teacher (MLM)": (lambda ids, keep, sel: teacher.mlm_logits(teacher(ids, keep, sel=sel)),
+    # name -> (token_logits(ids, keep, pos) -> (M, V), training seconds)
+    scorers = {"teacher (MLM)": (lambda ids, keep, pos: teacher.mlm_logits(teacher(ids, keep, pos=pos)),
                                  teacher_info["seconds"])}
     if cfg.baseline:  # salt 2: exactly the MLSM student's batches and masks
         baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device)
         freeze(baseline)
-        scorers["MLM baseline"] = (lambda ids, keep, sel: baseline.mlm_logits(baseline(ids, keep, sel=sel)),
+        scorers["MLM baseline"] = (lambda ids, keep, pos: baseline.mlm_logits(baseline(ids, keep, pos=pos)),
                                    baseline_info["seconds"])
         times["baseline"] = baseline_info["seconds"]
     # the student alone predicts concepts, not tokens -- unless trained with the joint loss
-    scorers["MLSM student"] = ((lambda ids, keep, sel: student.mlm_logits(student(ids, keep, sel=sel)))
+    scorers["MLSM student"] = ((lambda ids, keep, pos: student.mlm_logits(student(ids, keep, pos=pos)))
                                if cfg.mlm_weight else None, student_info["seconds"])
     scorers["MLSM student + head"] = (
-        lambda ids, keep, sel: head(student.concept_logits(student(ids, keep, sel=sel))),
+        lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos))),
         student_info["seconds"] + head_info["seconds"])
 
     # 7. evaluation and report
@@ -1462,6 +1480,7 @@ def run(cfg):
     st = student_info["totals"]
     results = {"models": models, "dictionary": dict_info,
                "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
+               "student_unsolved_codes": st.get("unsolved_codes", 0),
                "tokens_seen": {"MLSM student": st.get("masked", 0),
                                "MLM baseline": baseline_info["totals"]["masked"] if cfg.baseline else None},
                "majority_class": {t: majority_share(valid) for t, (_, valid) in tasks.items()},
@@ -1561,13 +1580,13 @@ def bench(cfg):
     for n in (2, steps):
         _, sec = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
                        cfg.lr, cfg, work, device)
-    ids, _, sel = get_batch(rows, cfg, 2, 0, device)
-    target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, sel, cfg), device, 3)
+    ids, _, pos = get_batch(rows, cfg, 2, 0, device)
+    target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
     student_s = sec / steps - target_s
     r["student_tokens_per_s"] = tokens / student_s
-    r["student_MFU"] = step_flops(student, cfg, int(sel.sum())) / student_s / (r["matmul_GFLOPs"] * 1e9)
+    r["student_MFU"] = step_flops(student, cfg, pos.numel()) / student_s / (r["matmul_GFLOPs"] * 1e9)
     r["targets_over_student_step"] = target_s / student_s
-    r["coder_share_of_targets"] = 1 - wall(lambda: teacher(ids, layer=cfg.teacher_layer, sel=sel), device, 3) / target_s
+    r["coder_share_of_targets"] = 1 - wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3) / target_s
 
     # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
     Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
@@ -1577,7 +1596,9 @@ def bench(cfg):
     ref = sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(), algorithm="lasso_cd", alpha=cfg.lam, positive=True)
     r["sparse_encode_s"], r["coder_s"] = time.perf_counter() - t0, ours_s
     r["coder_speedup"] = r["sparse_encode_s"] / ours_s
-    f_ours = coder.objective(X, coder.encode(X)).double()
+    A, solved = coder.encode(X)
+    r["coder_unsolved"] = int((~solved).sum())
+    f_ours = coder.objective(X, A).double()
     f_ref = coder.objective(X, torch.from_numpy(ref).to(device)).double()
     r["coder_gap_mean"] = float(((f_ours - f_ref) / f_ref).mean())
     r["coder_gap_max"] = float(((f_ours - f_ref) / f_ref).max())
@@ -1595,7 +1616,7 @@ def bench(cfg):
     if cfg.blimp and Path(cfg.blimp).exists() and trained_run:
         pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
         n = sum(len(v) for v in pairs.values())
-        fn = lambda ids, keep, sel: teacher.mlm_logits(teacher(ids, keep, sel=sel))
+        fn = lambda ids, keep, pos: teacher.mlm_logits(teacher(ids, keep, pos=pos))
         r["blimp_pairs_per_s"] = n / wall(lambda: minimal_pairs(fn, tok, pairs, cfg, device), device)
     r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
