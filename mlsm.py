@@ -114,6 +114,8 @@ class Config:
     # concepts
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
+    coder_rounds: int = opt(64, "rounds of the exact sparse coder (a GPU always runs them all); codes still "
+                            "unsolved after them are counted in the report and left out of the loss")
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
     dict_tokens: int = opt(100_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
@@ -193,7 +195,7 @@ def check_config(cfg):
     for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens",
+    for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens", "coder_rounds",
                  "eval_rows", "log_every", "ckpt_every", "finetune_seeds"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -880,7 +882,7 @@ class SparseCoder:
     CPU, asking costs nothing: rows that are done leave, and the loop ends with the last one
     (`shrink`, by default on the CPU only)."""
 
-    def __init__(self, D, lam, rounds=100, slots=32, shrink=None):
+    def __init__(self, D, lam, rounds=64, slots=32, shrink=None):
         self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.G = D.double() @ D.double().T  # (K, K); float64, see below
@@ -977,10 +979,10 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
         D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
         Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-        info = dictionary_stats(SparseCoder(D, cfg.lam), normalise_states(torch.from_numpy(Hd), mean))
+        info = dictionary_stats(SparseCoder(D, cfg.lam, cfg.coder_rounds), normalise_states(torch.from_numpy(Hd), mean))
         info["seconds"] = time.time() - t0
         atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
-    return SparseCoder(D.to(device), cfg.lam), mean.to(device), info
+    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), info
 
 
 @torch.no_grad()
@@ -1575,7 +1577,7 @@ def bench(cfg):
     if trained_run:
         z = load(out / "dictionary.npz", lambda p: dict(np.load(p)))
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
-    coder, mean = SparseCoder(D.to(device), cfg.lam), mean.to(device)
+    coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
     for n in (2, steps):
         _, sec = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,

@@ -607,6 +607,18 @@ def test_training_steps_never_wait_for_the_device():
         torch.ones(3)[torch.ones(3) > 0]
 
 
+def test_compiled_training_saves_an_uncompiled_state_dict(tmp_path):
+    """--compile trains through torch.compile; the checkpoint loads into a plain Encoder."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--compile"])
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
+    model = mlsm.build_encoder(cfg, 300)
+    mlsm.trained("teacher", model, mlsm.mlm_step(model, rows, cfg, 1, torch.device("cpu")), 3, cfg.lr, cfg,
+                 tmp_path, torch.device("cpu"))
+    saved = torch.load(tmp_path / "teacher.pt")["model"]
+    assert saved.keys() == mlsm.build_encoder(cfg, 300).state_dict().keys()
+    assert not torch.equal(saved["tok_emb.weight"], mlsm.build_encoder(cfg, 300).tok_emb.weight)  # it trained
+
+
 def test_joint_loss_adds_weighted_token_cross_entropy():
     """--mlm_weight w: L = L_MLSM + w * L_MLM on the same batch, L_MLM from the student's tied head."""
     cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16"])
