@@ -1332,7 +1332,8 @@ def report(results):
 
 
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
-             "times.json", "concepts.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
+             "times.json", "concepts.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline")
+                                               for x in (".pt", ".ckpt.pt")]
 
 
 def prepare_out(cfg):
@@ -1375,7 +1376,8 @@ def warn_if_slow(cfg, n_params, device):
     for _ in range(4):
         a @ a
     flops = 4 * 2 * 1024 ** 3 / (time.time() - t0)
-    tokens = (cfg.teacher_steps + 1.3 * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
+    student = 1.3 + cfg.baseline  # a student step plus a teacher forward; the MLM baseline's step
+    tokens = (cfg.teacher_steps + student * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
     hours = 6 * n_params * tokens / (0.5 * flops) / 3600  # training ~ 6 FLOPs per parameter per token
     print(f"warning: the laptop preset on this CPU would take about {hours:.0f} hours (estimate from a "
           f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 45 minutes",
@@ -1462,7 +1464,8 @@ def run(cfg):
     save_json(out / "concepts.json", concepts)
     print("most used concepts, with the tokens that weigh most on them:")
     for c in concepts[:8]:
-        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): " + " | ".join(e["context"] for e in c["examples"][:3]))
+        examples = " | ".join(e["context"] for e in c["examples"][:3])
+        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): {examples}")
     models = {"unigram": unigram_baseline(train_rows, dev_rows, V, cfg, device)}
     for name, (token_logits, seconds) in scorers.items():
         models[name] = {"seconds": seconds}
@@ -1556,7 +1559,8 @@ def bench(cfg):
     teacher = build_encoder(cfg, V).to(device)
     info, sec = None, 0.0
     for n in (2, steps):  # the first call warms up
-        info, sec = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work, device)
+        info, sec = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work,
+                          device)
     r["teacher_tokens_per_s"] = steps * tokens / sec
     masked = info["masked"] / steps
     r["teacher_MFU"] = step_flops(teacher, cfg, masked) * steps / sec / (r["matmul_GFLOPs"] * 1e9)
