@@ -1487,7 +1487,7 @@ def run(cfg):
                "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
                "student_unsolved_codes": st.get("unsolved_codes", 0),
                "tokens_seen": {"MLSM student": st.get("masked", 0),
-                               "MLM baseline": baseline_info["totals"]["masked"] if cfg.baseline else None},
+                               "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
                "majority_class": {t: majority_share(valid) for t, (_, valid) in tasks.items()},
                "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
                "seconds": times, "config": dataclasses.asdict(cfg)}
