@@ -587,14 +587,17 @@ def step_seed(cfg, salt, step):
     return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
 
 
+def to_device(t, device):
+    """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
+    one from ordinary (pageable) memory would first wait for the device to finish its work."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def get_batch(rows, cfg, salt, step, device):
     """Random rows for one step -> (ids (B, T) on device, masked ids (B, T), masked positions (B, m))."""
     seed = step_seed(cfg, salt, step)
     idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
-    ids = torch.from_numpy(rows[idx].astype(np.int64))  # (B, T)
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        ids = ids.pin_memory()
-    ids = ids.to(device, non_blocking=True)
+    ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     return (ids, *mask_tokens(ids, cfg.mask_rate, gen))
 
@@ -1243,8 +1246,8 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     def loss_fn(step):
         idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, 4, step)).integers(0, len(X), cfg.batch_size))
         ids = X[idx]  # (B, T)
-        ids = ids[:, : int((ids != PAD).sum(1).max())].to(device)  # trimmed to the longest pair
-        return F.cross_entropy(model(ids, ids != PAD).float(), Y[idx].to(device)), {}
+        ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
+        return F.cross_entropy(model(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
 
     train(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device)
     (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
