@@ -908,7 +908,7 @@ class SparseCoder:
         on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in use
         a = torch.zeros(N, 4, dtype=torch.float64, device=dev)  # (N, s) coefficient in each slot
         done = torch.zeros(N, dtype=torch.bool, device=dev)
-        live = torch.arange(N, device=dev)  # the rows still worked on
+        live = torch.arange(N, device=dev) if self.shrink else slice(None)  # rows worked on (all: views, no copies)
         for r in range(self.rounds):
             s = idx.shape[1]
             if r >= s and s < self.slots:  # |S| <= r: slots grow on a schedule, not on the data

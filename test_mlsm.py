@@ -525,9 +525,9 @@ def test_sparse_coder_flags_rows_it_could_not_finish(limit):
     their codes feasible and no better than the optimum (some far from it), and the rows that were
     solved are optimal."""
     X, D = anisotropic_problem(80, 48, 24, 48)
-    best, _ = mlsm.SparseCoder(D, 0.05).encode(X)
-    A, solved = mlsm.SparseCoder(D, 0.05, **limit).encode(X)
     coder = mlsm.SparseCoder(D, 0.05)
+    best, _ = coder.encode(X)
+    A, solved = mlsm.SparseCoder(D, 0.05, **limit).encode(X)
     gap = (coder.objective(X, A) - coder.objective(X, best)) / coder.objective(X, best)
     assert (A >= 0).all() and 0 < (~solved).sum() < len(X)
     assert (gap[~solved] > -1e-7).all() and gap[~solved].max() > 1e-3 and (gap[solved].abs() < 1e-6).all()
