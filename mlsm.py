@@ -13,8 +13,9 @@ Stages (each saves its output under --out; a re-run skips finished stages and re
   5. student     MLSM: predict the teacher's concept distribution      -> student.pt
   6. head        frozen student + linear layer concepts -> tokens      -> head.pt
      baseline    a student-sized encoder trained with plain MLM        -> baseline.pt
-  7. report      dev MLM loss/accuracy, BLiMP by pseudo-log-likelihood, dictionary quality,
-                 the most used concepts in context, times              -> results.json, concepts.json
+  7. report      learning curves, dev MLM loss/accuracy, BLiMP by pseudo-log-likelihood,
+                 fine-tuning on BabyLM's (Super)GLUE tasks, dictionary quality, the most used
+                 concepts in context, times                            -> results.json, concepts.json
 
 Papers:
   G. Berend. Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
@@ -27,8 +28,8 @@ Papers:
 Run:
   pip install -r requirements.txt
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded)
-  python mlsm.py --preset cpu --data ../shared/data/babylm_sample   # a CPU, about 45 minutes
-  python mlsm.py --preset tiny --data some.txt                      # smoke run, seconds
+  python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 45 minutes
+  python mlsm.py --preset tiny --data some.txt   # smoke run, seconds
   python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
   python mlsm.py --help               # every option
 
@@ -83,7 +84,7 @@ class Config:
     preset: str = opt("laptop", "laptop (GPU, full 10M words), cpu (about 45 min on 2 cores), tiny (smoke)")
     data: str = opt("data/babylm_10M", "directory of *.train / *.txt files (*.dev or a dev/ folder = "
                     "dev split) or one text file; the default is downloaded when missing")
-    out: str = opt("", "run directory for every artifact (default: runs/<preset>)")
+    out: str = opt("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = opt(False, "delete this run's artifacts in --out and start again")
     seed: int = opt(0, "seed for initialisation, batches and masks")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
@@ -93,6 +94,8 @@ class Config:
     # tokenizer and data
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
     seq_len: int = opt(128, "tokens per training row, [CLS] and [SEP] included")
+    train_words: int = opt(0, "train on about this many words of the corpus, the first part of each file in "
+                           "proportion (0: all of it)")
     dev_fraction: float = opt(0.02, "share of each file held out as dev when the corpus has no dev files")
     # encoder (teacher and student are the same size)
     d_model: int = opt(512, "model width")
@@ -102,7 +105,8 @@ class Config:
     # training (AdamW, 1% linear warmup, linear decay, gradient clipping as in the original)
     batch_size: int = opt(128, "rows per training step")
     lr: float = opt(5e-4, "peak learning rate of teacher and student (the original: 1e-4 for BERT-base)")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases, LayerNorms and embeddings)")
+    beta2: float = opt(0.999, "AdamW beta2")
     warmup: float = opt(0.01, "share of steps with linear warmup")
     clip: float = opt(1.0, "gradient-norm clipping")
     mask_rate: float = opt(0.15, "share of non-special tokens replaced by [MASK]")
@@ -115,7 +119,7 @@ class Config:
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
     coder_rounds: int = opt(64, "rounds of the exact sparse coder (a GPU always runs them all); codes still "
-                            "unsolved after them are counted in the report and left out of the loss")
+                            "unsolved after them are counted in the report and give no target (0 in the loss)")
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
     dict_tokens: int = opt(100_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
@@ -126,6 +130,7 @@ class Config:
     eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
     blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs; the default is downloaded when "
                      "missing; '' skips BLiMP")
+    blimp_pairs: int = opt(0, "BLiMP pairs per paradigm scored at the end: the first N of each paradigm (0: all)")
     supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
     finetune: str = opt("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl sentence-pair tasks "
                         "(BabyLM GLUE format) to fine-tune the MLM baseline and the MLSM student on; the "
@@ -133,6 +138,10 @@ class Config:
     finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
     finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
     finetune_seeds: int = opt(3, "fine-tuning runs per task and model, with different seeds")
+    pll: str = opt("word_l2r", "minimal-pair scorer: word_l2r (pseudo-log-likelihood that also masks the later "
+                   "pieces of the scored word; Kauf & Ivanova 2023) or original (Salazar et al. 2020)")
+    curve_points: int = opt(12, "dev evaluations along each training run, for the learning curves")
+    curve_pairs: int = opt(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
     log_every: int = opt(50, "steps between loss readouts (a readout waits for the device)")
     ckpt_every: int = opt(500, "steps between resumable checkpoints")
 
@@ -163,11 +172,13 @@ class UserError(Exception):
 
 def parse_config(argv=None):
     """Command line -> Config: preset values first, then the flags given explicitly."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
+        # every default in the help, with the presets' own values; SUPPRESS keeps flags not given
+        # out of the parsed namespace, so the preset's value is used for them
+        presets = "".join(f"; {p}: {v[f.name]!r}" for p, v in PRESETS.items() if f.name in v)
+        help = f"{f.metadata['help']} (default: {f.default!r}{presets})".replace("%", "%%")
+        kw = dict(help=help, default=argparse.SUPPRESS)
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -195,8 +206,11 @@ def check_config(cfg):
     for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("train_words", "blimp_pairs", "curve_pairs"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens", "coder_rounds",
-                 "eval_rows", "log_every", "ckpt_every", "finetune_seeds"):
+                 "eval_rows", "log_every", "ckpt_every", "finetune_seeds", "curve_points"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.seq_len < 3:
@@ -209,6 +223,10 @@ def check_config(cfg):
     for name, lo, hi in (("dropout", 0, 1), ("dev_fraction", 0, 1), ("warmup", 0, 1)):
         if not lo <= getattr(cfg, name) < hi:
             problems.append(f"--{name} must be in [{lo}, {hi}), got {getattr(cfg, name)}")
+    if cfg.pll not in ("word_l2r", "original"):
+        problems.append(f"--pll must be word_l2r or original, not {cfg.pll!r}")
+    if not 0 < cfg.beta2 < 1:
+        problems.append(f"--beta2 must be in (0, 1), got {cfg.beta2}")
     if cfg.mlm_weight < 0 or cfg.weight_decay < 0 or cfg.clip <= 0:
         problems.append("--mlm_weight and --weight_decay must be >= 0, --clip > 0")
     if problems:
@@ -264,7 +282,12 @@ CORPUS_MD5 = "dc67e5d2db96ed4f76cb072e2504a18c"
 CORPUS_BYTES = 18_139_949
 
 
-BLIMP_URL = "https://raw.githubusercontent.com/alexwarstadt/blimp/master/data"  # <paradigm>.jsonl
+# BabyLM's evaluation data (the official copies sit inside archives on OSF, osf.io/ryjfm), from a
+# public copy pinned to one commit, and checked: the SHA-256 of the files' `sha256sum` listing.
+EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
+            "evaluation_data")
+# BLiMP as BabyLM evaluates it ("fast": 200 of the 1,000 pairs of each of the 67 paradigms)
+BLIMP_URL, BLIMP_SHA256 = f"{EVAL_URL}/fast_eval/blimp_fast", "6a4a3fddedf89ffe6b6581fb7357e3c4cd703136a86abde66ee763a0503916fe"
 BLIMP_PARADIGMS = """adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
 animate_subject_trans causative complex_NP_island coordinate_structure_constraint_complex_left_branch
 coordinate_structure_constraint_object_extraction determiner_noun_agreement_1 determiner_noun_agreement_2
@@ -284,16 +307,9 @@ transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questio
 wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
 
 
-# BabyLM's filtered GLUE (identical to evaluation_data/full_eval/glue_filtered of the official 2025
-# data on OSF, which ships it only inside an archive), from a public copy pinned to one commit.
-GLUE_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
-            "evaluation_data/full_eval/glue_filtered")
-GLUE_SHA256 = {
-    "mrpc.train.jsonl": "4c6d10e778301c9a709a68d27317819564f039ddbf36f7f50ce0edf3a48b520f",
-    "mrpc.valid.jsonl": "0095cde73fe911541032c2120830a44e145328b813302dcd41e2a498ba2f4082",
-    "rte.train.jsonl": "7777c04bc210d7f62b8a3222f35593c9f7bc9505d604f1908023586e5951be1d",
-    "rte.valid.jsonl": "fb6265d78821ff5e13e67a9b8b9f8f74b87f750a38e789f22b1aa8c85835694f",
-}
+# BabyLM's filtered MRPC and RTE, train and validation splits
+GLUE_URL, GLUE_SHA256 = f"{EVAL_URL}/full_eval/glue_filtered", "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
+GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
 
 
 def fetch(url, path, desc, algorithm="md5"):
@@ -341,22 +357,25 @@ def download_corpus(dest, url=CORPUS_URL, md5=CORPUS_MD5):
         os.replace(roots[0], dest)  # subtle: a rename, so `dest` never exists half-unpacked
 
 
-def download_files(dest, url, names, validate, manual, sha256=None):
-    """Download url/<name> for each name into a temporary folder beside `dest`, check each file's
-    sha256 when given, let validate(folder) parse them, then rename the folder into place: a
-    cut-off or damaged download leaves nothing behind."""
+def download_files(dest, url, names, sha256, validate, manual):
+    """Download url/<name> for each name into a temporary folder beside `dest`, check them against
+    `sha256` (the SHA-256 of their `sha256sum` listing, in this order), let validate(folder) parse
+    them, then rename the folder into place: a cut-off or damaged download leaves nothing behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         folder = Path(tmp) / dest.name
         folder.mkdir()
+        listing = ""
         for name in tqdm(names, desc=f"download {dest.name}"):
             try:
-                got = fetch(f"{url}/{name}", folder / name, name, "sha256")
+                listing += f"{fetch(f'{url}/{name}', folder / name, name, 'sha256')}  {name}\n"
             except NET_ERRORS as e:
                 raise UserError(f"could not download {name} ({e}); {manual}") from None
-            if sha256 and got != sha256[name]:
-                raise UserError(f"{name} is damaged (sha256 {got}, expected {sha256[name]}); {manual}")
+        got = hashlib.sha256(listing.encode()).hexdigest()
+        if got != sha256:
+            raise UserError(f"the files are damaged or not the pinned ones (sha256 of their sha256sum listing "
+                            f"{got}, expected {sha256}); {manual}")
         try:
             validate(folder)  # a file that does not parse fails here, with its name and line
         except UserError as e:
@@ -364,16 +383,16 @@ def download_files(dest, url, names, validate, manual, sha256=None):
         os.replace(folder, dest)
 
 
-def download_blimp(dest, url=BLIMP_URL, paradigms=BLIMP_PARADIGMS):
-    manual = (f"download the data/*.jsonl files of github.com/alexwarstadt/blimp by hand into {dest}, "
-              f"or pass another folder of minimal pairs as --blimp ('' skips BLiMP)")
-    download_files(dest, url, [f"{p}.jsonl" for p in paradigms], load_pairs, manual)
+def download_blimp(dest, url=BLIMP_URL, paradigms=BLIMP_PARADIGMS, sha256=BLIMP_SHA256):
+    manual = (f"put BabyLM's BLiMP files (<paradigm>.jsonl of evaluation_data/fast_eval/blimp_fast in "
+              f"osf.io/ryjfm) into {dest} by hand, or pass another folder of minimal pairs as --blimp ('' skips BLiMP)")
+    download_files(dest, url, [f"{p}.jsonl" for p in paradigms], sha256, load_pairs, manual)
 
 
-def download_glue(dest, url=GLUE_URL, sha256=GLUE_SHA256):
-    manual = (f"put BabyLM's filtered GLUE files ({', '.join(sha256)}; evaluation_data in "
-              f"osf.io/ryjfm) into {dest} by hand, or pass another folder as --finetune ('' skips fine-tuning)")
-    download_files(dest, url, list(sha256), load_tasks, manual, sha256)
+def download_glue(dest, url=GLUE_URL, names=GLUE_FILES, sha256=GLUE_SHA256):
+    manual = (f"put BabyLM's filtered GLUE files ({', '.join(names)}; evaluation_data/full_eval/glue_filtered "
+              f"in osf.io/ryjfm) into {dest} by hand, or pass another folder as --finetune ('' skips fine-tuning)")
+    download_files(dest, url, names, sha256, load_tasks, manual)
 
 
 def find_corpus(path):
@@ -540,16 +559,28 @@ def pack(ids, seq_len):
     return np.concatenate([cls, rows, sep], axis=1)  # (N, T)
 
 
-def encode_corpus(cfg, tok, train_files, dev_files):
-    """Files -> (train rows, dev rows). Without dev files, the last dev_fraction of each train
-    file's tokens is held out, which is deterministic and keeps every source in both splits."""
+def read_corpus(cfg):
+    """--data -> (train texts, dev texts), one per file. With --train_words, each train text is cut
+    to the same share of its length, at a space, so that together they hold about that many words."""
+    train_files, dev_files = find_corpus(cfg.data)
+    train = [read_text(p) for p in train_files]
+    words = sum(len(t.split()) for t in train)
+    if 0 < cfg.train_words < words:
+        cuts = [t.find(" ", int(len(t) * cfg.train_words / words)) for t in train]
+        train = [t[:c] if c >= 0 else t for t, c in zip(train, cuts)]
+    return train, [read_text(p) for p in dev_files]
+
+
+def encode_corpus(cfg, tok, train_texts, dev_texts):
+    """Texts -> (train rows, dev rows). Without dev texts, the last dev_fraction of each train
+    text's tokens is held out, which is deterministic and keeps every source in both splits."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32  # halves the cache on disk
     train, dev = [], []
-    for path in tqdm(train_files + dev_files, desc="encode"):
-        ids = np.array(tok.encode(read_text(path)), dtype=dtype)
-        if path in dev_files:
+    for i, text in enumerate(tqdm(train_texts + dev_texts, desc="encode")):
+        ids = np.array(tok.encode(text), dtype=dtype)
+        if i >= len(train_texts):
             dev.append(ids)
-        elif dev_files:
+        elif dev_texts:
             train.append(ids)
         else:
             cut = len(ids) - math.ceil(cfg.dev_fraction * len(ids))
@@ -600,6 +631,21 @@ def get_batch(rows, cfg, salt, step, device):
     ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     return (ids, *mask_tokens(ids, cfg.mask_rate, gen))
+
+
+EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
+
+
+def dev_batches(rows, cfg, device):
+    """The first eval_rows dev rows in batches, each with its fixed masks: the same for every model,
+    every curve point and every --mask_rate. -> [(ids (B, T), masked ids (B, T), positions (B, m))]."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    rows = rows[: cfg.eval_rows]
+    batches = []
+    for i in range(0, len(rows), cfg.batch_size):
+        ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
+        batches.append((ids, *mask_tokens(ids, EVAL_MASK_RATE, gen)))
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,9 +702,13 @@ class Encoder(nn.Module):
         self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C))
         self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
         self.concept_head = None
+        self.apply(self._init)
+        # subtle: the concept head is built and initialised last, so that it draws from the random
+        # stream after everything else: a student and an MLM baseline built from the same seed then
+        # start from identical weights in every parameter they share
         if n_concepts:
             self.concept_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C), nn.Linear(C, n_concepts))
-        self.apply(self._init)
+            self.concept_head.apply(self._init)
 
     @staticmethod
     def _init(m):  # BERT's initialisation
@@ -718,14 +768,14 @@ def mlm_loss(logits, targets):
     return F.cross_entropy(logits.float(), targets)
 
 
-def concept_kl(logits, target, valid):
+def concept_kl(logits, target):
     """MLSM loss, the KL divergence from the teacher's concept distribution p to the student's q:
-    L_MLSM = 1/|valid| sum_{m in valid} sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
-    Rows whose code was all zero (no distribution) are `valid` False and left out.
-    logits (M, K), target (M, K) rows summing to 1 or 0, valid (M,) bool."""
+    L_MLSM = 1/M sum_m sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
+    As in the original (KLDivLoss, reduction="batchmean"), a row with no distribution (an all-zero
+    target) adds 0 to the sum but still counts in M. logits (M, K), target (M, K) rows summing to 1 or 0."""
     logq = F.log_softmax(logits.float(), dim=-1)  # (M, K)
     kl = (torch.xlogy(target, target) - target * logq).sum(-1)  # (M,); xlogy makes 0 log 0 = 0
-    return (kl * valid).sum() / valid.sum().clamp(min=1)  # no host sync, even with no valid row
+    return kl.mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,29 +784,49 @@ def concept_kl(logits, target, valid):
 # ---------------------------------------------------------------------------------------------
 
 
-def train(name, model, loss_fn, steps, lr, cfg, out, device):
+def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(step).
 
     loss_fn(step) -> (loss, extras): extras are tensors summed over all steps (e.g. counters)
-    and returned as floats. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed."""
+    and returned as floats. curve() -> {name: float} is measured before the first step and at
+    cfg.curve_points evenly spaced steps; its time is not training time. Checkpoints go to
+    <out>/<name>.ckpt.pt; an existing one is resumed. -> (totals, seconds, curve points)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    # no weight decay on biases, LayerNorm gains and embeddings (and so never on the head's
+    # unigram-initialised bias): decay pulls them towards 0, which is no sensible prior for them
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n]
+    groups = [{"params": decay}, {"params": [p for p in params if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
     warm = max(1, round(cfg.warmup * steps))
     # lr factor: linear warmup over `warm` steps, then linear decay to zero at `steps`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm)))
     ckpt_path = Path(out) / f"{name}.ckpt.pt"
-    start, totals, elapsed = 0, {}, 0.0
+    start, totals, elapsed, points = 0, {}, 0.0, []
     if ckpt_path.exists():
         ck = load_torch(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
+        points = ck["curve"]
         print(f"{name}: resuming at step {start} of {steps}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
     t0, recent = time.time(), 0.0
+
+    def measure(step):  # a curve point; the clock stops while it is measured
+        nonlocal t0
+        seconds = elapsed + time.time() - t0
+        model.eval()
+        with torch.no_grad():
+            points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": seconds, **curve()})
+        t0 = time.time() - (seconds - elapsed)
+
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
     for step in bar:
+        if step in at_steps and not any(p["step"] == step for p in points):
+            measure(step)
         model.train()
         torch.manual_seed(step_seed(cfg, 0, step))  # dropout too is a function of the step alone
         with autocast:
@@ -774,13 +844,15 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device):
             recent = 0.0
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
-                      totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0)
+                      totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0, curve=points)
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
+    if steps in at_steps and not any(p["step"] == steps for p in points):
+        measure(steps)
     model.eval()
-    return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0
+    return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0, points
 
 
-def trained(name, model, loss_fn, steps, lr, cfg, out, device):
+def trained(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     """Stage wrapper: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
     path = Path(out) / f"{name}.pt"
     if path.exists():
@@ -788,8 +860,8 @@ def trained(name, model, loss_fn, steps, lr, cfg, out, device):
         model.load_state_dict(ck["model"])
         model.eval()
         return model, ck["info"]
-    totals, seconds = train(name, model, loss_fn, steps, lr, cfg, out, device)
-    info = {"totals": totals, "seconds": seconds}
+    totals, seconds, points = train(name, model, loss_fn, steps, lr, cfg, out, device, curve)
+    info = {"totals": totals, "seconds": seconds, "curve": points}
     atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
     (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     return model, info
@@ -811,11 +883,18 @@ def mlm_step(model, rows, cfg, salt, device):
     return loss_fn
 
 
-def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device):
-    """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks)."""
+def mlm_scorer(model):
+    """An MLM encoder as token_logits(ids (B, T), keep (B, T) or None, pos (B, m)) -> (B m, V)."""
+    return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
+
+
+def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, curve=None):
+    """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks).
+    curve(token_logits) -> the learning-curve function of train()."""
     model = build_encoder(cfg, vocab_size).to(device)
     print(f"{name}: {count_params(model) / 1e6:.2f}M parameters")
-    return trained(name, model, mlm_step(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device)
+    return trained(name, model, mlm_step(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device,
+                   curve and curve(mlm_scorer(model)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,12 +962,25 @@ class SparseCoder:
     Every round is the same batched work whatever the data, so a GPU runs all `rounds` of them
     without once waiting to be told which rows are done (done rows stay where they are). On the
     CPU, asking costs nothing: rows that are done leave, and the loop ends with the last one
-    (`shrink`, by default on the CPU only)."""
+    (`shrink`, by default on the CPU only).
 
-    def __init__(self, D, lam, rounds=64, slots=32, shrink=None):
+    subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS badly
+    conditioned (7e3 in a real batch), so the small solves run in float64 to be safe. Apple's MPS has no
+    float64: there the coder keeps float32 (`host_solve`) and sends each round's small systems to
+    the CPU to be solved in float64 -- one wait per round, but exact codes."""
+
+    def __init__(self, D, lam, rounds=64, slots=32, shrink=None, host_solve=None):
         self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
-        self.G = D.double() @ D.double().T  # (K, K); float64, see below
+        self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
+        self.dtype = torch.float32 if self.host_solve else torch.float64
+        self.G = (D.double() @ D.double().T if not self.host_solve else D @ D.T).to(self.dtype)  # (K, K)
+
+    def solve(self, M, b):
+        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s); float64 on the device, or on the CPU."""
+        if self.host_solve:
+            return torch.linalg.solve_ex(M.cpu().double(), b.cpu().double()).result.to(b.device, b.dtype)
+        return torch.linalg.solve_ex(M, b).result
 
     @staticmethod
     def support(idx, on, K):
@@ -906,7 +998,7 @@ class SparseCoder:
         XD = X @ D.T  # (N, K)
         idx = torch.zeros(N, 4, dtype=torch.long, device=dev)  # (N, s) atom in each slot
         on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in use
-        a = torch.zeros(N, 4, dtype=torch.float64, device=dev)  # (N, s) coefficient in each slot
+        a = torch.zeros(N, 4, dtype=self.dtype, device=dev)  # (N, s) coefficient in each slot
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         live = torch.arange(N, device=dev) if self.shrink else slice(None)  # rows worked on (all: views, no copies)
         for r in range(self.rounds):
@@ -915,12 +1007,10 @@ class SparseCoder:
                 idx, on, a = (torch.cat([t, torch.zeros_like(t)], 1) for t in (idx, on, a))
                 s *= 2
             Il, ol, al = idx[live], on[live], a[live]  # (n, s) each
-            # subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS
-            # too ill-conditioned for float32: the small solves run in float64
             G_SS = G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
-            eye = torch.eye(s, device=dev, dtype=torch.float64)  # unused slots solve z = 0
-            b = torch.where(ol, XD[live].gather(1, Il).double() - self.lam, 0)  # (n, s)
-            z = torch.linalg.solve_ex(torch.where(ol.unsqueeze(2) & ol.unsqueeze(1), G_SS, eye), b).result
+            eye = torch.eye(s, device=dev, dtype=self.dtype)  # unused slots solve z = 0
+            b = torch.where(ol, XD[live].gather(1, Il).to(self.dtype) - self.lam, 0)  # (n, s)
+            z = self.solve(torch.where(ol.unsqueeze(2) & ol.unsqueeze(1), G_SS, eye), b)  # (n, s)
             # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
             bad = ol & (z <= 0)  # (n, s)
             ratio = torch.where(bad, al / (al - z), math.inf)
@@ -1038,7 +1128,7 @@ def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
         ids, x, pos = get_batch(rows, cfg, 2, step, device)  # (B, T), (B, T), (B, m)
         p, has_mass, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)  # (M, K), (M,), (M,)
         h = net(x, pos=pos)  # (M, C)
-        loss = concept_kl(student.concept_logits(h), p, has_mass & solved)
+        loss = concept_kl(student.concept_logits(h), p * solved[:, None])  # unsolved codes: no target
         if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
             loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), at(ids, pos))
         return loss, {"masked": torch.tensor(pos.numel()), "zero_codes": (~has_mass).sum(),
@@ -1046,11 +1136,25 @@ def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
     return loss_fn
 
 
-def train_student(cfg, teacher, coder, mean, rows, vocab_size, out, device):
+def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
+    """Learning curve of the student: its KL to the teacher's targets at the fixed dev masks."""
+    batches = []  # the targets are computed once: (masked ids (B, T), positions (B, m), targets (M, K))
+    for ids, x, pos in dev_batches(dev_rows, cfg, device):
+        p, _, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)
+        batches.append((x, pos, p * solved[:, None]))
+
+    def curve():
+        kl = sum(concept_kl(student.concept_logits(student(x, pos=pos)), p) * len(p) for x, pos, p in batches)
+        return {"dev_kl": float(kl) / sum(len(p) for *_, p in batches)}
+    return curve
+
+
+def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, device):
     student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
     print(f"student: {count_params(student) / 1e6:.2f}M parameters")
+    curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device)
     return trained("student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device),
-                   cfg.student_steps, cfg.lr, cfg, out, device)
+                   cfg.student_steps, cfg.lr, cfg, out, device, curve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1071,7 +1175,7 @@ def unigram_logp(rows, vocab_size):
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
-def train_head(cfg, student, rows, vocab_size, out, device):
+def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
     """Only a linear layer with bias from the student's K concept logits to V token logits is
     trained, with MLM cross-entropy; every student parameter stays as it was.
 
@@ -1092,7 +1196,8 @@ def train_head(cfg, student, rows, vocab_size, out, device):
             z = student.concept_logits(student(x, pos=pos))  # (M, K)
         return mlm_loss(head(z.float()), at(ids, pos)), {}
 
-    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device)
+    scorer = lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
+    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device, curve and curve(scorer))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1104,12 +1209,8 @@ def train_head(cfg, student, rows, vocab_size, out, device):
 def eval_mlm(token_logits, rows, cfg, device):
     """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, positions (B, m)) -> (M, V) on
     the first eval_rows dev rows, with the same fixed masks for every model."""
-    rows = rows[: cfg.eval_rows]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     loss = correct = n = 0.0
-    for i in range(0, len(rows), cfg.batch_size):
-        ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
-        x, pos = mask_tokens(ids, cfg.mask_rate, gen)
+    for ids, x, pos in dev_batches(rows, cfg, device):
         logits = token_logits(x, None, pos).float()  # (M, V); keep None: full rows, no padding
         y = at(ids, pos)  # (M,)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -1144,15 +1245,27 @@ def load_pairs(path):
 
 
 @torch.no_grad()
-def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
-    """PLL(s) = sum_i log p(s_i | s with token i masked)  (Salazar et al. 2020), one masked copy of
-    the sentence per token, many copies per batch. token_logits(ids (B, T), keep (B, T), pos (B, 1))
-    -> (M, V). The softmax is over real tokens: special tokens are never the answer.
-    Sentences longer than seq_len are cut to it. -> (len(sentences),) float64 numpy."""
-    seqs = [[CLS] + tok.encode(s)[: cfg.seq_len - 2] + [SEP] for s in sentences]
-    padded = np.full((len(seqs), max(map(len, seqs))), PAD, dtype=np.int64)  # (S, longest)
-    for j, q in enumerate(seqs):
-        padded[j, :len(q)] = q
+def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
+    """PLL(s) = sum_i log p(s_i | s with token i masked)  (Salazar et al. 2020), and by default its
+    word-l2r variant (Kauf & Ivanova 2023): when token i is scored, the later tokens of the same word
+    are masked too, so a word split into pieces cannot be read off its own pieces (" walk|ing": "ing"
+    would give away " walk"). A word is one pre-token of the tokenizer.
+
+    Batched: one masked copy of the sentence per scored token, many copies per batch.
+    token_logits(ids (B, T), keep (B, T), pos (B, 1)) -> (B, V). The softmax is over real tokens:
+    special tokens are never the answer. Sentences longer than seq_len are cut to it.
+    -> (len(sentences),) float64 numpy."""
+    seqs, words = [], []  # token ids, and the index of the word each token belongs to (-1: special)
+    for s in sentences:
+        pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]
+        ids = [i for p in pieces for i in p][: cfg.seq_len - 2]
+        seqs.append([CLS] + ids + [SEP])
+        words.append([-1] + [w for w, p in enumerate(pieces) for _ in p][: len(ids)] + [-1])
+    L = max(map(len, seqs))
+    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (S, L)
+    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (S, L)
+    for j, (q, w) in enumerate(zip(seqs, words)):
+        padded[j, :len(q)], word[j, :len(w)] = q, w
     jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
     pll, b = np.zeros(len(seqs)), 0
     while b < len(jobs):
@@ -1161,13 +1274,17 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device):
         while e < len(jobs) and (e + 1 - b) * jobs[e][0] <= 2 * cfg.batch_size * cfg.seq_len:
             e += 1
         chunk, b = jobs[b:e], e
-        ids = padded[[j for _, j, _ in chunk], : chunk[-1][0]]  # (B, T): the longest copy is last
-        ids = torch.from_numpy(ids).to(device)
-        pos = torch.tensor([[i] for _, _, i in chunk], device=device)  # (B, 1): each copy's masked position
-        logits = token_logits(ids.scatter(1, pos, MASK), ids != PAD, pos).float()  # (B, V)
+        T = chunk[-1][0]  # the longest copy is last
+        rows, at_i = np.array([j for _, j, _ in chunk]), np.array([i for _, _, i in chunk])  # (B,), (B,)
+        ids, w = padded[rows, :T], word[rows, :T]  # (B, T) each
+        later = np.arange(T) >= at_i[:, None]  # (B, T): position i and those after it
+        hide = later & (w == w[np.arange(len(chunk)), at_i][:, None]) if word_l2r else np.arange(T) == at_i[:, None]
+        ids, hide = torch.from_numpy(ids).to(device), torch.from_numpy(hide).to(device)
+        pos = torch.from_numpy(at_i[:, None]).to(device)  # (B, 1): the scored position of each copy
+        logits = token_logits(ids.masked_fill(hide, MASK), ids != PAD, pos).float()  # (B, V)
         logits[:, :N_SPECIAL] = -math.inf
         logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
-        np.add.at(pll, [j for _, j, _ in chunk], logp.cpu().double().numpy())
+        np.add.at(pll, rows, logp.cpu().double().numpy())
     return pll
 
 
@@ -1175,8 +1292,9 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
     """Accuracy on minimal pairs: correct only if PLL(good) > PLL(bad) strictly; ties are counted
     and reported, and count as wrong (the official BabyLM pipelines count them right)."""
     flat = [p for ps in pairs.values() for p in ps]
-    good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device)
-    bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device)
+    word_l2r = cfg.pll == "word_l2r"
+    good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device, word_l2r)
+    bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device, word_l2r)
     per, i = {}, 0
     for name, ps in pairs.items():
         g, b = good[i:i + len(ps)], bad[i:i + len(ps)]
@@ -1186,9 +1304,29 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
             "pairs": len(flat), "paradigms": per}
 
 
+# BabyLM's (Super)GLUE files: the fields of each format -> the two text segments of an example
+TASK_FORMATS = [
+    (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
+    (("premise", "hypothesis"), lambda d: (d["premise"], d["hypothesis"])),  # MNLI
+    (("question1", "question2"), lambda d: (d["question1"], d["question2"])),  # QQP
+    (("paragraph", "question", "answer"), lambda d: (f"{d['question']} {d['answer']}", d["paragraph"])),  # MultiRC
+    (("question", "passage"), lambda d: (d["question"], d["passage"])),  # BoolQ
+    (("text", "span1_text", "span2_text"),  # WSC: does the pronoun (span 2) refer to span 1?
+     lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
+]
+
+
+def task_example(item):
+    """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
+    for fields, segments in TASK_FORMATS:
+        if all(f in item for f in fields):
+            return (*map(str, segments(item)), int(item["label"]))
+    raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
+
+
 def load_tasks(path):
-    """A folder with <task>.train.jsonl and <task>.valid.jsonl files (sentence1, sentence2, label:
-    the BabyLM GLUE format) -> {task: (train, valid)}, each a list of (s1, s2, label)."""
+    """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
+    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label)."""
     tasks = {}
     for train_file in sorted(Path(path).glob("*.train.jsonl")):
         task = train_file.name.removesuffix(".train.jsonl")
@@ -1199,10 +1337,10 @@ def load_tasks(path):
             split = []
             for n, line in enumerate(read_text(f).splitlines(), 1):
                 try:
-                    item = json.loads(line)
-                    split.append((str(item["sentence1"]), str(item.get("sentence2") or ""), int(item["label"])))
+                    split.append(task_example(json.loads(line)))
                 except (ValueError, KeyError, TypeError) as e:
-                    raise UserError(f"{f}:{n} needs sentence1, sentence2 and an integer label ({e})") from None
+                    raise UserError(f"{f}:{n} is not an example of a known task format with an integer "
+                                    f"label ({e})") from None
             splits.append(split)
         tasks[task] = tuple(splits)
     if not tasks:
@@ -1236,7 +1374,7 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
     with cross-entropy: -> validation accuracy and, for two classes, F1 of class 1."""
     encoder = build_encoder(cfg, tok.vocab_size)
-    encoder.load_state_dict(state, strict=False)  # subtle: a student's concept head is not needed
+    encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("concept_head.")})  # strict
     n_labels = max(y for *_, y in train_pairs + valid_pairs) + 1
     torch.manual_seed(seed)  # the seed picks the classifier's initial weights and the batches
     model = PairClassifier(encoder, n_labels).to(device)
@@ -1262,24 +1400,35 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     return r
 
 
+def fingerprint(state):
+    """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def probe(models, cfg, tok, tasks, out, device):
-    """Every model x task x seed, identical settings; results cached in finetune.json, so an
-    interrupted probe resumes. -> {task: {model: {"acc": [..], "f1": [..], mean and spread}}}."""
+    """Every model x task x seed, identical settings; results cached in finetune.json under a key that
+    holds the model's fingerprint, so an interrupted probe resumes and a retrained model is probed
+    anew. -> {task: {model: {"acc": [..], "f1": [..], mean and spread}}}."""
     path = Path(out) / "finetune.json"
     done = load_json(path) if path.exists() else {}
+    keys = {}
     for task, (train_pairs, valid_pairs) in tasks.items():
         for model_name, state in models.items():
+            weights = fingerprint(state)
             for seed in range(cfg.finetune_seeds):
-                key = f"{task}/{model_name}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
+                key = keys[task, model_name, seed] = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
                 if key not in done:
                     done[key] = finetune(state, cfg, tok, train_pairs, valid_pairs, seed,
-                                         f"finetune_{task}_{seed}", out, device)
+                                         f"finetune_{task}_{weights}_{seed}", out, device)
                     save_json(path, done)
     summary = {}
     for task in tasks:
         for model_name in models:
-            runs = [done[f"{task}/{model_name}/{s}/{cfg.finetune_steps}/{cfg.finetune_lr}"]
-                    for s in range(cfg.finetune_seeds)]
+            runs = [done[keys[task, model_name, s]] for s in range(cfg.finetune_seeds)]
             summary.setdefault(task, {})[model_name] = {
                 m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
                     "runs": [r[m] for r in runs]} for m in runs[0]}
@@ -1289,6 +1438,28 @@ def probe(models, cfg, tok, tasks, out, device):
 def majority_share(pairs):
     """Validation accuracy of always answering the most common label: the floor of a probe."""
     return float(np.bincount([y for *_, y in pairs]).max() / len(pairs))
+
+
+def chart(curves, key, title, width=64, height=10):
+    """Learning curves as a text chart: `key` of each curve point against tokens seen.
+    curves {name: [{"tokens": .., key: ..}, ..]}; each curve is marked by its name's first letter."""
+    series = {name: [(p["tokens"], p[key]) for p in pts if key in p] for name, pts in curves.items() if pts}
+    series = {name: xy for name, xy in series.items() if xy}
+    if not series:
+        return
+    xs, ys = [x for xy in series.values() for x, _ in xy], [y for xy in series.values() for _, y in xy]
+    lo, hi, right = min(ys), max(ys), max(xs) or 1
+    grid = [[" "] * (width + 1) for _ in range(height + 1)]
+    for name, xy in series.items():
+        for x, y in xy:
+            r, c = round((hi - y) / ((hi - lo) or 1) * height), round(x / right * width)
+            grid[r][c] = name[0] if grid[r][c] in (" ", name[0]) else "*"  # '*': curves overlap
+    print(f"\n{title}")
+    for r, row in enumerate(grid):
+        print(f"{hi - r * (hi - lo) / height:8.3f} |" + "".join(row))
+    print(" " * 9 + "+" + "-" * (width + 1))
+    print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
+    print("  " + "; ".join(f"{n[0]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
 
 
 def report(results):
@@ -1301,9 +1472,11 @@ def report(results):
                ("dev acc", 8, lambda r: cell(r.get("dev_acc"), "{:.3f}".format))]
     columns += [(f"{s} (ties)", 19, lambda r, s=s: cell(r.get(s), lambda b: f"{b['macro']:.3f} ({b['ties']})"))
                 for s in sets]
-    columns += [(f"{t} acc", 14, lambda r, t=t: cell(r.get("finetune", {}).get(t),
-                                                        lambda f: f"{f['acc']['mean']:.3f} ± {f['acc']['std']:.3f}"))
+    columns += [(f"{t} acc", 13, lambda r, t=t: cell(r.get("finetune", {}).get(t),
+                                                        lambda f: f"{f['acc']['mean']:.3f}±{f['acc']['std']:.3f}"))
                 for t in tasks]
+    if len(tasks) > 1:
+        columns += [("tasks macro", 12, lambda r: cell(r.get("finetune_macro"), "{:.3f}".format))]
     columns += [("train time", 11, lambda r: cell(r.get("seconds"), lambda x: f"{x / 60:.1f} min"))]
     print("\n" + "=" * 100)
     print(f"{'model':<21}" + "".join(f"{name:>{w}}" for name, w, _ in columns))
@@ -1317,15 +1490,24 @@ def report(results):
         f1 = "; ".join(f"{m} {r['finetune'][t]['f1']['mean']:.3f} ± {r['finetune'][t]['f1']['std']:.3f}"
                        for m, r in models.items() if "f1" in r.get("finetune", {}).get(t, {}))
         print(f"{t}: majority class {results['majority_class'][t]:.3f}" + (f"; F1 {f1}" if f1 else ""))
+    if len(tasks) > 1:
+        print(f"tasks macro: majority class {np.mean(list(results['majority_class'].values())):.3f}")
     d = results["dictionary"]
     print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
           f"{results['student_zero_codes']:.2%} all-zero and {results['student_unsolved_codes']:.0f} unsolved "
-          f"targets in student training (left out of the loss)")
+          f"targets in student training (no target: they add 0 to the loss, as all-zero codes do in the original)")
     times = results["seconds"]
     evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
     print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation; "
           + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    curves = results["curves"]
+    unigram = models["unigram"]["dev_loss"]
+    chart({k: v for k, v in curves.items() if k != "MLSM student"}, "dev_loss",
+          f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram {unigram:.3f})")
+    chart({k: v for k, v in curves.items() if k != "MLSM student"}, "BLiMP",
+          f"learning curves: BLiMP, first {results['config']['curve_pairs']} pairs per paradigm")
+    chart({"MLSM student": curves["MLSM student"]}, "dev_kl", "learning curve: student's dev KL to the teacher's concepts")
     print("=" * 100)
 
 
@@ -1335,7 +1517,7 @@ def report(results):
 
 
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
-             "times.json", "concepts.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline")
+             "times.json", "concepts.json", "finetune.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline")
                                                for x in (".pt", ".ckpt.pt")]
 
 
@@ -1343,7 +1525,7 @@ def prepare_out(cfg):
     """Create --out, or check that the artifacts in it were made by the same config."""
     out = Path(cfg.out)
     if cfg.fresh:
-        for name in ARTIFACTS:
+        for name in ARTIFACTS + [p.name for p in out.glob("finetune_*")]:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
@@ -1361,7 +1543,8 @@ def prepare_out(cfg):
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
     try:
         device = torch.device(name)
         torch.empty(1, device=device)
@@ -1392,7 +1575,7 @@ def run(cfg):
     device = pick_device(cfg.device)
     if not Path(cfg.data).exists() and cfg.data == Config.data:
         download_corpus(Path(cfg.data))
-    train_files, dev_files = find_corpus(cfg.data)
+    find_corpus(cfg.data)  # a missing --data stops the run before anything is written
     out = prepare_out(cfg)
     times = load_json(out / "times.json") if (out / "times.json").exists() else {}
 
@@ -1402,15 +1585,16 @@ def run(cfg):
 
     # 1-2. tokenizer and token rows
     t0 = time.time()
+    texts = None if (out / "dev_ids.npy").exists() else read_corpus(cfg)  # (train texts, dev texts)
     if (out / "tokenizer.json").exists():
         tok = Tokenizer.load(out / "tokenizer.json")
     else:
-        tok = Tokenizer.train((read_text(p) for p in train_files), cfg.vocab_size)
+        tok = Tokenizer.train(texts[0], cfg.vocab_size)
         tok.save(out / "tokenizer.json")
         record("tokenizer", t0)
     t0 = time.time()
-    if not (out / "dev_ids.npy").exists():
-        train_rows, dev_rows = encode_corpus(cfg, tok, train_files, dev_files)
+    if texts:
+        train_rows, dev_rows = encode_corpus(cfg, tok, *texts)
         atomic_write(out / "train_ids.npy", lambda f: np.save(f, train_rows))
         atomic_write(out / "dev_ids.npy", lambda f: np.save(f, dev_rows))
         record("encode", t0)
@@ -1427,7 +1611,7 @@ def run(cfg):
     if cfg.blimp:
         if not Path(cfg.blimp).exists() and cfg.blimp == Config.blimp:
             download_blimp(cfg.blimp)
-        pair_sets["BLiMP"] = load_pairs(cfg.blimp)
+        pair_sets["BLiMP"] = {k: v[: cfg.blimp_pairs or None] for k, v in load_pairs(cfg.blimp).items()}
     if cfg.supplement:
         pair_sets["supplement"] = load_pairs(cfg.supplement)
     tasks = {}
@@ -1436,27 +1620,36 @@ def run(cfg):
             download_glue(cfg.finetune)
         tasks = load_tasks(cfg.finetune)
 
+    # learning curves: dev loss at the fixed dev masks (and a few BLiMP pairs per paradigm)
+    curve_pairs = {k: v[: cfg.curve_pairs] for k, v in pair_sets.get("BLiMP", {}).items()} if cfg.curve_pairs else {}
+
+    def token_curve(token_logits):
+        def curve():
+            r = {"dev_loss": eval_mlm(token_logits, dev_rows, cfg, device)["dev_loss"]}
+            if curve_pairs:
+                r["BLiMP"] = minimal_pairs(token_logits, tok, curve_pairs, cfg, device)["macro"]
+            return r
+        return curve
+
     # 3-6. teacher, concepts, student, head, and the MLM baseline
     warn_if_slow(cfg, count_params(build_encoder(cfg, V)), device)
-    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device)
+    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, token_curve)
     freeze(teacher)
     coder, mean, dict_info = learn_concepts(cfg, teacher, train_rows, dev_rows, out, device)
-    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, V, out, device)
-    head, head_info = train_head(cfg, student, train_rows, V, out, device)
+    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out, device)
+    head, head_info = train_head(cfg, student, train_rows, V, out, device, token_curve)
     times.update(teacher=teacher_info["seconds"], concepts=dict_info["seconds"], student=student_info["seconds"],
                  head=head_info["seconds"])
     # name -> (token_logits(ids, keep, pos) -> (M, V), training seconds)
-    scorers = {"teacher (MLM)": (lambda ids, keep, pos: teacher.mlm_logits(teacher(ids, keep, pos=pos)),
-                                 teacher_info["seconds"])}
+    scorers = {"teacher (MLM)": (mlm_scorer(teacher), teacher_info["seconds"])}
     if cfg.baseline:  # salt 2: exactly the MLSM student's batches and masks
-        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device)
+        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device,
+                                            token_curve)
         freeze(baseline)
-        scorers["MLM baseline"] = (lambda ids, keep, pos: baseline.mlm_logits(baseline(ids, keep, pos=pos)),
-                                   baseline_info["seconds"])
+        scorers["MLM baseline"] = (mlm_scorer(baseline), baseline_info["seconds"])
         times["baseline"] = baseline_info["seconds"]
     # the student alone predicts concepts, not tokens -- unless trained with the joint loss
-    scorers["MLSM student"] = ((lambda ids, keep, pos: student.mlm_logits(student(ids, keep, pos=pos)))
-                               if cfg.mlm_weight else None, student_info["seconds"])
+    scorers["MLSM student"] = (mlm_scorer(student) if cfg.mlm_weight else None, student_info["seconds"])
     scorers["MLSM student + head"] = (
         lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos))),
         student_info["seconds"] + head_info["seconds"])
@@ -1484,6 +1677,8 @@ def run(cfg):
         for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
             for name, r in per_model.items():
                 models[name].setdefault("finetune", {})[task] = r
+        for name in states:  # the macro average over tasks of the mean accuracy over seeds
+            models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
         record("finetune", t0)
     st = student_info["totals"]
     results = {"models": models, "dictionary": dict_info,
@@ -1493,6 +1688,8 @@ def run(cfg):
                                "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
                "majority_class": {t: majority_share(valid) for t, (_, valid) in tasks.items()},
                "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
+               "curves": {"teacher": teacher_info.get("curve"), "MLM baseline": cfg.baseline and baseline_info.get("curve"),
+                          "MLSM student": student_info.get("curve"), "MLSM student + head": head_info.get("curve")},
                "seconds": times, "config": dataclasses.asdict(cfg)}
     save_json(out / "results.json", results)
     report(results)
@@ -1562,7 +1759,7 @@ def bench(cfg):
     teacher = build_encoder(cfg, V).to(device)
     info, sec = None, 0.0
     for n in (2, steps):  # the first call warms up
-        info, sec = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work,
+        info, sec, _ = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work,
                           device)
     r["teacher_tokens_per_s"] = steps * tokens / sec
     masked = info["masked"] / steps
@@ -1587,7 +1784,7 @@ def bench(cfg):
     coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
     for n in (2, steps):
-        _, sec = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
+        _, sec, _ = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
                        cfg.lr, cfg, work, device)
     ids, _, pos = get_batch(rows, cfg, 2, 0, device)
     target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
@@ -1607,14 +1804,14 @@ def bench(cfg):
     r["coder_speedup"] = r["sparse_encode_s"] / ours_s
     A, solved = coder.encode(X)
     r["coder_unsolved"] = int((~solved).sum())
-    f_ours = coder.objective(X, A).double()
-    f_ref = coder.objective(X, torch.from_numpy(ref).to(device)).double()
+    f_ours = coder.objective(X, A).cpu().double()
+    f_ref = coder.objective(X, torch.from_numpy(ref).to(device)).cpu().double()
     r["coder_gap_mean"] = float(((f_ours - f_ref) / f_ref).mean())
     r["coder_gap_max"] = float(((f_ours - f_ref) / f_ref).max())
 
     # tokenizer, and minimal pairs scored per second
     if Path(cfg.data).exists():
-        texts = [read_text(p) for p in find_corpus(cfg.data)[0]]
+        texts = read_corpus(cfg)[0]
         t0 = time.perf_counter()
         bpe = Tokenizer.train(texts, cfg.vocab_size)
         r["bpe_train_s"] = time.perf_counter() - t0

@@ -136,9 +136,11 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         mlsm.parse_config(["--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for f in mlsm.Config.__dataclass_fields__:
         assert f"--{f}" in text
+    assert "(default: 128; cpu: 32; tiny: 64)" in text  # --batch_size: the default and the presets' values
+    assert text.count("(default: ") == len(mlsm.Config.__dataclass_fields__)
 
 
 def test_presets_and_explicit_flags():
@@ -197,6 +199,11 @@ def test_find_corpus_layouts(tmp_path):
     assert mlsm.find_corpus(tmp_path / "train" / "a.train") == ([tmp_path / "train" / "a.train"], [])
 
 
+def served_pairs(uid, valid):
+    """The body the test server sends for a BLiMP file: one minimal pair, or not JSON at all."""
+    return (json.dumps({"sentence_good": "a b", "sentence_bad": "b a", "UID": uid}) if valid else "not json").encode()
+
+
 class ZipServer(http.server.BaseHTTPRequestHandler):
     """Serves /good (a valid archive), /truncated (cut off mid-way), /missing (404), BLiMP files
     under /blimp/ (valid) and /broken/ (not minimal pairs), and the bodies in `files`."""
@@ -212,9 +219,7 @@ class ZipServer(http.server.BaseHTTPRequestHandler):
             return
         if self.path.startswith(("/blimp/", "/broken/")):
             uid = self.path.rsplit("/", 1)[1].removesuffix(".jsonl")
-            valid = self.path.startswith("/blimp/")
-            body = (json.dumps({"sentence_good": "a b", "sentence_bad": "b a", "UID": uid}) if valid
-                    else "not json").encode()
+            body = served_pairs(uid, self.path.startswith("/blimp/"))
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -264,14 +269,35 @@ def test_download_failures_leave_nothing_behind(server, tmp_path, path, md5, mes
     assert list(tmp_path.iterdir()) == []
 
 
+def listing_sha256(files):
+    """What `sha256sum NAME... | sha256sum` prints for these {name: bytes}, in this order."""
+    return hashlib.sha256("".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()).encode()).hexdigest()
+
+
 def test_download_blimp(server, tmp_path):
     url, _ = server
-    mlsm.download_blimp(tmp_path / "blimp", url + "/blimp", ["p1", "p2"])
+    good = {f"p{i}.jsonl": served_pairs(f"p{i}", True) for i in (1, 2)}
+    mlsm.download_blimp(tmp_path / "blimp", url + "/blimp", ["p1", "p2"], listing_sha256(good))
     assert sorted(mlsm.load_pairs(tmp_path / "blimp")) == ["p1", "p2"]
-    for base, message in (("/broken", "p1.jsonl:1 is not a minimal pair"), ("/missing", "could not download p1")):
-        with pytest.raises(mlsm.UserError, match=message):
-            mlsm.download_blimp(tmp_path / "b2", url + base, ["p1", "p2"])
+    broken = {f"p{i}.jsonl": served_pairs(f"p{i}", False) for i in (1, 2)}
+    for base, sha, message in (("/broken", listing_sha256(broken), "p1.jsonl:1 is not a minimal pair"),
+                               ("/missing", listing_sha256(good), "could not download p1"),
+                               ("/blimp", listing_sha256({"p2.jsonl": good["p2.jsonl"], "p1.jsonl": good["p1.jsonl"]}),
+                                "damaged or not the pinned ones")):
+        with pytest.raises(mlsm.UserError, match=message) as e:
+            mlsm.download_blimp(tmp_path / "b2", url + base, ["p1", "p2"], sha)
+        assert "--blimp" in str(e.value)
         assert not (tmp_path / "b2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blimp"]
+
+
+def test_pinned_checksums_match_the_data_here():
+    """The pinned listing sums are those of the BabyLM files in ../shared/data (from the same repository)."""
+    root = SAMPLE.parent
+    if not (root / "blimp_fast").exists():
+        pytest.skip("../shared/data is not here")
+    blimp = {f"{p}.jsonl": (root / "blimp_fast" / f"{p}.jsonl").read_bytes() for p in mlsm.BLIMP_PARADIGMS}
+    glue = {n: (root / "glue" / n).read_bytes() for n in mlsm.GLUE_FILES}
+    assert listing_sha256(blimp) == mlsm.BLIMP_SHA256 and listing_sha256(glue) == mlsm.GLUE_SHA256
 
 
 def test_download_glue(server, tmp_path):
@@ -279,15 +305,16 @@ def test_download_glue(server, tmp_path):
     good = json.dumps({"sentence1": "a b", "sentence2": "b a", "label": 1}).encode()
     ZipServer.files = {"/glue/t.train.jsonl": good, "/glue/t.valid.jsonl": good,
                        "/bad/t.train.jsonl": good, "/bad/t.valid.jsonl": b'{"sentence1": "a"}'}
-    sha = {f"t.{s}.jsonl": hashlib.sha256(good).hexdigest() for s in ("train", "valid")}
-    mlsm.download_glue(tmp_path / "glue", url + "/glue", sha)
+    names = ["t.train.jsonl", "t.valid.jsonl"]
+    sha = listing_sha256({n: good for n in names})
+    mlsm.download_glue(tmp_path / "glue", url + "/glue", names, sha)
     assert mlsm.load_tasks(tmp_path / "glue") == {"t": ([("a b", "b a", 1)], [("a b", "b a", 1)])}
-    wrong = {**sha, "t.valid.jsonl": "0" * 64}
-    bad = {**sha, "t.valid.jsonl": hashlib.sha256(b'{"sentence1": "a"}').hexdigest()}
-    for base, hashes, message in (("/glue", wrong, "t.valid.jsonl is damaged"), ("/missing", sha, "could not download"),
-                                  ("/bad", bad, "t.valid.jsonl:1 needs sentence1, sentence2")):
+    bad = listing_sha256({"t.train.jsonl": good, "t.valid.jsonl": b'{"sentence1": "a"}'})
+    for base, hashes, message in (("/glue", "0" * 64, "damaged or not the pinned ones"),
+                                  ("/missing", sha, "could not download"),
+                                  ("/bad", bad, "t.valid.jsonl:1 is not an example of a known task format")):
         with pytest.raises(mlsm.UserError, match=message) as e:
-            mlsm.download_glue(tmp_path / "g2", url + base, hashes)
+            mlsm.download_glue(tmp_path / "g2", url + base, names, hashes)
         assert "--finetune" in str(e.value)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["glue"]  # nothing half-downloaded left
 
@@ -379,8 +406,21 @@ def test_dev_split_without_dev_files(tmp_path):
     (tmp_path / "a.train").write_text("word " * 1000)
     cfg = mlsm.parse_config(["--preset", "tiny", "--dev_fraction", "0.1"])
     tok = mlsm.Tokenizer.train(["word " * 10], 300)
-    train, dev = mlsm.encode_corpus(cfg, tok, [tmp_path / "a.train"], [])
+    train, dev = mlsm.encode_corpus(cfg, tok, [mlsm.read_text(tmp_path / "a.train")], [])
     assert len(train) == 900 // 30 and len(dev) == 100 // 30
+
+
+def test_train_words_takes_the_same_share_of_every_file(tmp_path):
+    (tmp_path / "a.train").write_text(" ".join(f"a{i:04}" for i in range(3000)))  # words of one length
+    (tmp_path / "b.train").write_text("\n".join(f"b{i:03} x" for i in range(500)))  # 1,000 words, in lines
+    (tmp_path / "c.dev").write_text("dev words")
+    train, dev = mlsm.read_corpus(mlsm.parse_config(["--data", str(tmp_path), "--train_words", "2000"]))
+    a, b = (mlsm.read_text(tmp_path / f) for f in ("a.train", "b.train"))
+    assert a.startswith(train[0]) and b.startswith(train[1])  # the first part of each file,
+    assert abs(len(train[0].split()) - 1500) <= 1 and abs(len(train[1].split()) - 500) <= 1  # half of each
+    assert dev == ["dev words"]
+    full, _ = mlsm.read_corpus(mlsm.parse_config(["--data", str(tmp_path), "--train_words", "9000"]))
+    assert [len(t.split()) for t in full] == [3000, 1000]
 
 
 def test_masking_statistics():
@@ -440,6 +480,19 @@ def test_encoder_layers_and_tied_head():
     torch.testing.assert_close(model.mlm_logits(h), ref)
 
 
+def test_student_and_baseline_start_from_the_same_weights():
+    """Fair comparisons: every parameter the MLSM student shares with the MLM baseline (and the
+    teacher) is identical at initialisation; only the concept head is the student's own."""
+    cfg = mlsm.parse_config(["--preset", "tiny"])
+    baseline, student = mlsm.build_encoder(cfg, 300), mlsm.build_encoder(cfg, 300, n_concepts=40)
+    b, s = baseline.state_dict(), student.state_dict()
+    assert sorted(k for k in s if k not in b) == sorted(f"concept_head.{k}" for k in student.concept_head.state_dict())
+    for k in b:
+        assert torch.equal(b[k], s[k]), k
+    assert not torch.equal(b["tok_emb.weight"], mlsm.build_encoder(mlsm.parse_config(["--preset", "tiny", "--seed", "1"]),
+                                                                   300).state_dict()["tok_emb.weight"])
+
+
 def test_states_at_selected_positions_equal_the_full_forward():
     torch.manual_seed(0)
     model = mlsm.Encoder(50, 12, 16, 3, 2).eval()
@@ -484,11 +537,12 @@ def test_concept_kl_equals_torch_kl_div():
     A[2] = 0  # an all-zero code: left out
     A[4, :6] = 0  # exact zeros inside a distribution: 0 log 0 = 0
     p, valid = mlsm.code_distribution(A)
-    assert valid.tolist() == [True, True, False, True, True, True]
+    assert valid.tolist() == [True, True, False, True, True, True] and p[2].sum() == 0
     torch.testing.assert_close(p[valid].sum(-1), torch.ones(5))
-    ref = F.kl_div(F.log_softmax(logits[valid], -1), p[valid], reduction="batchmean")
-    torch.testing.assert_close(mlsm.concept_kl(logits, p, valid), ref)
-    assert mlsm.concept_kl(logits, p, torch.zeros(6, dtype=torch.bool)) == 0
+    # the original's loss: KLDivLoss(reduction="batchmean") over every masked row, the all-zero one too
+    ref = F.kl_div(F.log_softmax(logits, -1), p, reduction="batchmean")
+    torch.testing.assert_close(mlsm.concept_kl(logits, p), ref)
+    torch.testing.assert_close(mlsm.concept_kl(logits[valid], p[valid]) * 5 / 6, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +571,31 @@ def test_sparse_coder_matches_sklearn(K, shrink):
     assert (A >= 0).all() and (A > 0).sum(1).float().mean() > 4  # a real sparse problem, not all-zero
     assert solved.all() and ((ours - theirs) / theirs).max() < 1e-5
     torch.testing.assert_close(A, ref, atol=1e-3, rtol=0)
+
+
+def test_sparse_coder_without_float64_is_exact_on_near_duplicate_atoms():
+    """The MPS path (no float64 on the device: float32 there, small solves in float64 on the CPU),
+    run here on the CPU, on a dictionary with near-duplicate atoms like learned ones (cosine
+    0.9997 and closer), with states that use both atoms of a pair, against a tight float64
+    sparse_encode: worst relative gap 1e-5. (Measured here: 1e-9; float32 solves reached 1e-8 on
+    these problems too, so this shows the path is exact, not that float32 alone would fail.)"""
+    X, D = anisotropic_problem(120, 64, 24, 7)
+    g = torch.Generator().manual_seed(1)
+    twins = F.normalize(D[:16] + 0.003 * torch.randn(16, 24, generator=g), dim=-1)
+    D = torch.cat([D, twins])  # (80, 24)
+    assert (D[:16] * twins).sum(-1).min() > 0.9997
+    w = torch.rand(120, 16, generator=g) * (torch.rand(120, 16, generator=g) < 0.2)  # (N, 16) mixtures
+    X = F.normalize(X + 3 * (w @ D[:16] + w.roll(1, 1) @ twins), dim=-1)
+    coder = mlsm.SparseCoder(D, 0.05, host_solve=True)
+    assert coder.dtype == torch.float32 and coder.G.dtype == torch.float32
+    A, solved = coder.encode(X)
+    ref = torch.from_numpy(sparse_encode(X.double().numpy(), D.double().numpy(), algorithm="lasso_cd",
+                                         alpha=0.05, positive=True, max_iter=100000))
+    Xd, Dd = X.double(), D.double()
+    f = lambda A: 0.5 * ((Xd - A.double() @ Dd) ** 2).sum(-1) + 0.05 * A.double().sum(-1)
+    gap = (f(A) - f(ref)) / f(ref)
+    assert solved.all() and (A >= 0).all() and (A > 0).sum(1).float().mean() > 4
+    assert gap.max() < 1e-5, gap.max()
 
 
 @pytest.mark.parametrize("limit", [dict(rounds=10), dict(slots=8)])
@@ -641,6 +720,9 @@ def test_joint_loss_adds_weighted_token_cross_entropy():
 def drop_times(results):
     r = json.loads(json.dumps(results))
     r["seconds"] = r["mlsm_needs"] = None
+    for points in r["curves"].values():
+        for p in points or []:
+            p.pop("seconds")
     for m in r["models"].values():
         m.pop("seconds", None)
     r["dictionary"].pop("seconds")
@@ -745,24 +827,36 @@ def test_truncated_artifact_gets_clear_message(tiny_run, grammar_corpus, tmp_pat
 # ---------------------------------------------------------------------------------------------
 
 
-def test_batched_pll_equals_brute_force(tok):
+@pytest.mark.parametrize("word_l2r", [True, False])
+def test_batched_pll_equals_brute_force(tok, word_l2r):
     cfg = mlsm.parse_config(["--preset", "tiny", "--batch_size", "4"])  # small batches: many chunks
     torch.manual_seed(0)
     model = mlsm.build_encoder(cfg, tok.vocab_size).eval()
     fn = lambda ids, keep, pos: model.mlm_logits(model(ids, keep)[torch.arange(len(ids)), pos[:, 0]])
     sentences = ["the dog eats .", "a cat", "some very small goats use two old ropes .", "x",
-                 "naïve 🎉 words " * 5]
-    batched = mlsm.pseudo_log_likelihoods(fn, tok, sentences, cfg, torch.device("cpu"))
+                 "naïve 🎉 words " * 5, "unbelievably quixotic zebras"]
+    batched = mlsm.pseudo_log_likelihoods(fn, tok, sentences, cfg, torch.device("cpu"), word_l2r)
+    multi_piece = 0
     for s, got in zip(sentences, batched):
-        ids = torch.tensor([[mlsm.CLS] + tok.encode(s)[: cfg.seq_len - 2] + [mlsm.SEP]])  # (1, n)
+        ids, word = [mlsm.CLS], [-1]  # word: which whitespace-led word each token belongs to
+        for w, text in enumerate(mlsm.PRETOKEN.findall(s)):
+            pieces = tok.encode(text)
+            ids, word = ids + pieces, word + [w] * len(pieces)
+            multi_piece += len(pieces) > 1
+        ids, word = torch.tensor([ids[: cfg.seq_len - 1] + [mlsm.SEP]]), word[: cfg.seq_len - 1] + [-1]
         total = 0.0
-        for i in range(1, ids.shape[1] - 1):  # one forward pass per masked position, no padding
+        for i in range(1, ids.shape[1] - 1):  # one forward pass per scored token, no padding
             x = ids.clone()
-            x[0, i] = mlsm.MASK
+            for j in range(i, ids.shape[1] - 1):  # word-l2r: also the later pieces of the same word
+                if j == i or (word_l2r and word[j] == word[i]):
+                    x[0, j] = mlsm.MASK
             logits = model.mlm_logits(model(x)[0, i])
             logits[: mlsm.N_SPECIAL] = float("-inf")
             total += F.log_softmax(logits, -1)[ids[0, i]].item()
         assert got == pytest.approx(total, abs=1e-4)
+    assert multi_piece >= 3  # words split into pieces, where the two scorers differ
+    other = mlsm.pseudo_log_likelihoods(fn, tok, sentences, cfg, torch.device("cpu"), not word_l2r)
+    assert not np.allclose(batched, other)
 
 
 def test_tie_counts_as_wrong(tok):
@@ -814,12 +908,84 @@ def test_probe_learns_a_separable_task(tiny_run, tmp_path):
     assert len(cached) == 2  # an interrupted probe resumes from these
 
 
+def test_every_babylm_glue_format_is_read(tmp_path):
+    """BabyLM's seven (Super)GLUE tasks, one example of each in its own field names."""
+    examples = {
+        "mrpc": ({"sentence1": "a b", "sentence2": "c d", "label": 1}, ("a b", "c d", 1)),
+        "rte": ({"sentence1": "a", "sentence2": "b", "label": 0, "idx": 3}, ("a", "b", 0)),
+        "mnli": ({"premise": "p", "hypothesis": "h", "label": 2}, ("p", "h", 2)),
+        "qqp": ({"question1": "q1?", "question2": "q2?", "label": 0}, ("q1?", "q2?", 0)),
+        "boolq": ({"question": "is it?", "passage": "it is.", "label": 1}, ("is it?", "it is.", 1)),
+        "multirc": ({"paragraph": "text", "question": "what?", "answer": "this", "label": 1,
+                     "idx": {"paragraph": 1}}, ("what? this", "text", 1)),
+        "wsc": ({"text": "Bill saw John because he", "span1_text": "John", "span2_text": "he", "span1_index": 2,
+                 "span2_index": 4, "label": 0}, ("Bill saw John because he", "he: John", 0)),
+    }
+    for task, (item, _) in examples.items():
+        for split in ("train", "valid"):
+            (tmp_path / f"{task}.{split}.jsonl").write_text(json.dumps(item) + "\n")
+    tasks = mlsm.load_tasks(tmp_path)
+    assert sorted(tasks) == sorted(examples)
+    for task, (_, want) in examples.items():
+        assert tasks[task] == ([want], [want]), task
+
+
+def test_three_class_task_fine_tunes_and_reports_macro(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    rng = random.Random(0)
+    for split, n in (("train", 90), ("valid", 30)):
+        rows = [{"premise": " ".join(sentence(rng)), "hypothesis": "x", "label": i % 3} for i in range(n)]
+        (tmp_path / f"nli.{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = mlsm.load_tasks(tmp_path)
+    cfg = mlsm.parse_config(["--preset", "tiny", "--finetune_steps", "3", "--finetune_seeds", "1"])
+    tok = mlsm.Tokenizer.load(out / "tokenizer.json")
+    r = mlsm.probe({"m": torch.load(out / "baseline.pt")["model"]}, cfg, tok, tasks, tmp_path, torch.device("cpu"))
+    assert 0 <= r["nli"]["m"]["acc"]["mean"] <= 1 and "f1" not in r["nli"]["m"]  # F1 only for two classes
+
+
+def test_fine_tuning_cache_follows_the_model(tiny_run, tmp_path, monkeypatch):
+    """finetune.json is keyed to the model's weights: a retrained model is fine-tuned anew, the
+    same one is not."""
+    out, _ = tiny_run
+    (tmp_path / "food.train.jsonl").write_text(food_task(60, 0))
+    (tmp_path / "food.valid.jsonl").write_text(food_task(20, 1))
+    tasks = mlsm.load_tasks(tmp_path)
+    cfg = mlsm.parse_config(["--preset", "tiny", "--finetune_steps", "3", "--finetune_seeds", "1"])
+    tok = mlsm.Tokenizer.load(out / "tokenizer.json")
+    state = torch.load(out / "baseline.pt")["model"]
+    calls = []
+    real = mlsm.finetune
+    monkeypatch.setattr(mlsm, "finetune", lambda *a: calls.append(1) or real(*a))
+    mlsm.probe({"m": state}, cfg, tok, tasks, tmp_path, torch.device("cpu"))
+    mlsm.probe({"m": state}, cfg, tok, tasks, tmp_path, torch.device("cpu"))
+    assert len(calls) == 1  # cached
+    retrained = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    mlsm.probe({"m": retrained}, cfg, tok, tasks, tmp_path, torch.device("cpu"))
+    assert len(calls) == 2 and len(json.loads((tmp_path / "finetune.json").read_text())) == 2
+
+
+def test_fresh_run_with_another_seed_recomputes_fine_tuning(grammar_corpus, tmp_path):
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "food.train.jsonl").write_text(food_task(60, 0))
+    (tmp_path / "glue" / "food.valid.jsonl").write_text(food_task(20, 1))
+    args = ["--teacher_steps", "5", "--student_steps", "5", "--head_steps", "5", "--finetune", str(tmp_path / "glue"),
+            "--finetune_steps", "3", "--finetune_seeds", "1"]
+    mlsm.main(tiny_args(grammar_corpus, tmp_path / "run", *args))
+    first = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    mlsm.main(tiny_args(grammar_corpus, tmp_path / "run", *args, "--fresh", "--seed", "1"))
+    second = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert len(first) == len(second) == 2 and not set(first) & set(second)  # nothing of the old models is kept
+
+
 def test_malformed_task_files(tmp_path):
     (tmp_path / "t.train.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": 1}\n')
     with pytest.raises(mlsm.UserError, match="t.valid.jsonl is missing"):
         mlsm.load_tasks(tmp_path)
     (tmp_path / "t.valid.jsonl").write_text('{"sentence1": "a", "label": "yes"}\n')
     with pytest.raises(mlsm.UserError, match="t.valid.jsonl:1"):
+        mlsm.load_tasks(tmp_path)
+    (tmp_path / "t.valid.jsonl").write_text('{"premise": "a", "label": 1}\n')  # no hypothesis
+    with pytest.raises(mlsm.UserError, match="t.valid.jsonl:1 is not an example of a known task format"):
         mlsm.load_tasks(tmp_path)
     with pytest.raises(mlsm.UserError, match="no <task>.train.jsonl"):
         mlsm.load_tasks(tmp_path / "none")
@@ -860,6 +1026,26 @@ def concept_amis(out, cfg):
 
 
 E2E = ["--n_concepts", "32", "--teacher_steps", "800", "--student_steps", "400", "--head_steps", "300"]
+
+
+def test_learning_curves(tiny_run):
+    """Evenly spaced dev measurements of every training stage, at the fixed dev masks: the last
+    point is the model the table scores, and the teacher's and student's curves fall."""
+    _, results = tiny_run
+    curves = results["curves"]
+    steps = [round(k * 100 / 12) for k in range(13)]
+    for name, key in (("teacher", "dev_loss"), ("MLM baseline", "dev_loss"), ("MLSM student", "dev_kl"),
+                      ("MLSM student + head", "dev_loss")):
+        points = curves[name]
+        assert [p["step"] for p in points] == steps, name
+        assert [p["tokens"] for p in points] == [s * 64 * 32 for s in steps]
+        assert all(a["seconds"] <= b["seconds"] for a, b in zip(points, points[1:])) and all(key in p for p in points)
+    m = results["models"]
+    assert curves["teacher"][-1]["dev_loss"] == pytest.approx(m["teacher (MLM)"]["dev_loss"], abs=1e-5)
+    assert curves["MLSM student + head"][-1]["dev_loss"] == pytest.approx(m["MLSM student + head"]["dev_loss"], abs=1e-5)
+    assert curves["MLSM student + head"][0]["dev_loss"] == pytest.approx(m["unigram"]["dev_loss"], abs=1e-4)
+    assert curves["teacher"][-1]["dev_loss"] < curves["teacher"][0]["dev_loss"] - 1
+    assert curves["MLSM student"][-1]["dev_kl"] < curves["MLSM student"][0]["dev_kl"] - 0.5
 
 
 def test_baseline_sees_the_same_tokens_as_the_student(tiny_run):
