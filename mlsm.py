@@ -1446,9 +1446,12 @@ def majority_share(pairs):
     return float(np.bincount([y for *_, y in pairs]).max() / len(pairs))
 
 
+MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
+
+
 def chart(curves, key, title, width=64, height=10):
     """Learning curves as a text chart: `key` of each curve point against tokens seen.
-    curves {name: [{"tokens": .., key: ..}, ..]}; each curve is marked by its name's first letter."""
+    curves {name: [{"tokens": .., key: ..}, ..]}; each curve is drawn with its letter in MARKS."""
     series = {name: [(p["tokens"], p[key]) for p in pts if key in p] for name, pts in curves.items() if pts}
     series = {name: xy for name, xy in series.items() if xy}
     if not series:
@@ -1459,13 +1462,13 @@ def chart(curves, key, title, width=64, height=10):
     for name, xy in series.items():
         for x, y in xy:
             r, c = round((hi - y) / ((hi - lo) or 1) * height), round(x / right * width)
-            grid[r][c] = name[0] if grid[r][c] in (" ", name[0]) else "*"  # '*': curves overlap
+            grid[r][c] = MARKS[name] if grid[r][c] in (" ", MARKS[name]) else "*"  # '*': curves overlap
     print(f"\n{title}")
     for r, row in enumerate(grid):
         print(f"{hi - r * (hi - lo) / height:8.3f} |" + "".join(row))
     print(" " * 9 + "+" + "-" * (width + 1))
     print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
-    print("  " + "; ".join(f"{n[0]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
+    print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
 
 
 def report(results):
@@ -1687,6 +1690,7 @@ def run(cfg):
             models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
         record("finetune", t0)
     st = student_info["totals"]
+    student_tokens = cfg.student_steps * cfg.batch_size * cfg.seq_len
     results = {"models": models, "dictionary": dict_info,
                "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
                "student_unsolved_codes": st.get("unsolved_codes", 0),
@@ -1695,7 +1699,9 @@ def run(cfg):
                "majority_class": {t: majority_share(valid) for t, (_, valid) in tasks.items()},
                "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
                "curves": {"teacher": teacher_info.get("curve"), "MLM baseline": cfg.baseline and baseline_info.get("curve"),
-                          "MLSM student": student_info.get("curve"), "MLSM student + head": head_info.get("curve")},
+                          "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
+                          "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
+                                                  for p in head_info.get("curve") or []]},
                "seconds": times, "config": dataclasses.asdict(cfg)}
     save_json(out / "results.json", results)
     report(results)
