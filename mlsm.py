@@ -208,10 +208,8 @@ def check_config(cfg):
         problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
     if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
         problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
-    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    for name in ("train_words", "blimp_pairs", "curve_pairs"):
+    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps", "train_words",
+                 "blimp_pairs", "curve_pairs"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens", "coder_rounds",
@@ -796,11 +794,13 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     and returned as floats. curve() -> {name: float} is measured before the first step and at
     cfg.curve_points evenly spaced steps; its time is not training time. Checkpoints go to
     <out>/<name>.ckpt.pt; an existing one is resumed. -> (totals, seconds, curve points)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     # no weight decay on biases, LayerNorm gains and embeddings (and so never on the head's
     # unigram-initialised bias): decay pulls them towards 0, which is no sensible prior for them
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n]
-    groups = [{"params": decay}, {"params": [p for p in params if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    decays = [p.dim() >= 2 and "emb" not in n for n, p in named]
+    groups = [{"params": [p for p, d in zip(params, decays) if d]},
+              {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     warm = max(1, round(cfg.warmup * steps))
@@ -979,7 +979,7 @@ class SparseCoder:
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
         self.dtype = torch.float32 if self.host_solve else torch.float64
-        self.G = (D.double() @ D.double().T if not self.host_solve else D @ D.T).to(self.dtype)  # (K, K)
+        self.G = D.to(self.dtype) @ D.to(self.dtype).T  # (K, K)
 
     def solve(self, M, b):
         """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s); float64 on the device, or on the CPU."""
@@ -1201,8 +1201,13 @@ def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
             z = student.concept_logits(student(x, pos=pos))  # (M, K)
         return mlm_loss(head(z.float()), at(ids, pos)), {}
 
-    scorer = lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
-    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device, curve and curve(scorer))
+    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
+                   curve and curve(head_scorer(student, head)))
+
+
+def head_scorer(student, head):
+    """Frozen student + token head as token_logits(ids (B, T), keep, pos (B, m)) -> (B m, V)."""
+    return lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1659,9 +1664,7 @@ def run(cfg):
         times["baseline"] = baseline_info["seconds"]
     # the student alone predicts concepts, not tokens -- unless trained with the joint loss
     scorers["MLSM student"] = (mlm_scorer(student) if cfg.mlm_weight else None, student_info["seconds"])
-    scorers["MLSM student + head"] = (
-        lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos))),
-        student_info["seconds"] + head_info["seconds"])
+    scorers["MLSM student + head"] = (head_scorer(student, head), student_info["seconds"] + head_info["seconds"])
 
     # 7. evaluation and report
     t0 = time.time()
