@@ -1,9 +1,8 @@
 """mlsm.py -- Masked Latent Semantic Modeling (MLSM) in one readable file.
 
-Train a masked-LM teacher, turn its hidden states into sparse "latent concepts", pretrain a
-student to predict the concepts of masked tokens, then freeze the student and fit a linear token
-head on its concept logits -- and show, against an MLM baseline trained on the same batches,
-what each stage bought.
+Train a masked-LM teacher, turn its hidden states into sparse "latent concepts", pretrain a student
+to predict the concepts of masked tokens, then freeze the student and fit a linear token head on its
+concept logits -- and show, against an MLM baseline trained on the same batches, what each stage bought.
 
 Stages (each saves its output under --out; a re-run skips finished stages and resumes training):
   1. tokenizer   byte-level BPE trained on the corpus                  -> tokenizer.json
@@ -13,34 +12,27 @@ Stages (each saves its output under --out; a re-run skips finished stages and re
   5. student     MLSM: predict the teacher's concept distribution      -> student.pt
   6. head        frozen student + linear layer concepts -> tokens      -> head.pt
      baseline    a student-sized encoder trained with plain MLM        -> baseline.pt
-  7. report      learning curves, dev MLM loss/accuracy, BLiMP by pseudo-log-likelihood,
-                 fine-tuning on BabyLM's (Super)GLUE tasks, dictionary quality, the most used
-                 concepts in context, times                            -> results.json, concepts.json
+  7. report      learning curves, dev MLM loss, BLiMP, fine-tuning on BabyLM's (Super)GLUE tasks,
+                 dictionary quality, the most used concepts in context -> results.json, concepts.json
 
-Papers:
-  G. Berend. Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
-    Language Modeling. Findings of ACL 2023.
-  G. Berend. Better Together: Jointly Using Masked Latent Semantic Modeling and Masked Language
-    Modeling for Sample Efficient Pre-training. BabyLM Challenge 2023.
-  G. Berend. Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training.
-    BabyLM Challenge 2024 (the frozen-backbone token head of stage 6).
+Papers (G. Berend): Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
+Language Modeling (Findings of ACL 2023); Better Together: Jointly Using Masked Latent Semantic Modeling
+and Masked Language Modeling for Sample Efficient Pre-training (BabyLM 2023); Integrating Quasi-symbolic
+Conceptual Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
 
-Run:
-  pip install -r requirements.txt
-  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded)
+Run (measured and estimated times per stage are in README.md):
+  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~1 hour
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 45 minutes
   python mlsm.py --preset tiny --data some.txt   # smoke run, seconds
+  torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
   python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
-  python mlsm.py --help               # every option
 
-Measured and estimated times per stage are in README.md.
-
-Deliberately left out: multi-GPU training, 80/10/10 masking, whole-word masking, sentence-pair
-pretraining objectives, Hugging Face export.
+Deliberately left out: 80/10/10 masking, whole-word masking, sentence-level objectives, Hugging Face export.
 """
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import heapq
 import http.client
@@ -52,7 +44,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -62,16 +53,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 # Letters used in shape comments:
-#   B batch, T tokens per row, C model width, H heads, V vocabulary, K concepts,
-#   M masked positions in a batch, N rows of a matrix (states, codes).
+#   B batch rows, T tokens per row, C model width, H heads, V vocabulary, K concepts, m masked positions
+#   per row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n rows still
+#   being worked on, s slots (atoms a sparse code may use).
 
 # ---------------------------------------------------------------------------------------------
-# Configuration: one dataclass; the command line is generated from its fields
+# Configuration: one dataclass; the command line is generated from its fields (see parse_config)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -81,69 +74,60 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("laptop", "laptop (GPU, full 10M words, about 45 min by estimate), cpu (3M words, about 45 "
-                      "min on 2 cores), tiny (smoke)")
-    data: str = opt("data/babylm_10M", "directory of *.train / *.txt files (*.dev or a dev/ folder = "
-                    "dev split) or one text file; the default is downloaded when missing")
+    preset: str = opt("laptop", "laptop (GPU, 10M words, ~1 hour), cpu (3M words, ~45 min on 2 cores), tiny (smoke)")
+    data: str = opt("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder = dev split) or "
+                    "one text file; the default is downloaded when missing")
     out: str = opt("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = opt(False, "delete this run's artifacts in --out and start again")
     seed: int = opt(0, "seed for initialisation, batches and masks")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
     compile: bool = opt(False, "torch.compile the encoders (checkpoints stay uncompiled)")
-    bench: bool = opt(False, "measure the speed of every stage at these sizes instead of training; uses "
-                      "the teacher and dictionary in --out when there, and writes bench.json there")
+    bench: bool = opt(False, "measure the speed of every stage instead of training -> bench.json in --out")
     # tokenizer and data
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
     seq_len: int = opt(128, "tokens per training row, [CLS] and [SEP] included")
-    train_words: int = opt(0, "train on about this many words of the corpus, the first part of each file in "
-                           "proportion (0: all of it)")
+    train_words: int = opt(0, "train on about this many words, the first part of each file (0: all)")
     dev_fraction: float = opt(0.02, "share of each file held out as dev when the corpus has no dev files")
-    # encoder (teacher and student are the same size)
+    # encoder (teacher, student and MLM baseline are the same size)
     d_model: int = opt(512, "model width")
     n_layers: int = opt(8, "transformer blocks")
     n_heads: int = opt(8, "attention heads")
     dropout: float = opt(0.1, "dropout in the encoder")
-    # training: AdamW, linear warmup and decay, gradient clipping as in the original; the learning
-    # rate, warmup, beta2 and masking are ours, chosen by the measured recipe search in README.md
-    # (the original: lr 1e-4 for BERT-base, 1% warmup, beta2 0.999, 15% masking)
-    batch_size: int = opt(64, "rows per training step")
+    # training: AdamW, linear warmup and decay, gradient clipping as in the original; lr, warmup,
+    # beta2 and masking are ours, from the measured recipe search in README.md (the original, for
+    # BERT-base: lr 1e-4, 1% warmup, beta2 0.999, 15% masking)
+    batch_size: int = opt(64, "rows per training step (in all: torchrun's processes share them)")
     lr: float = opt(1e-3, "peak learning rate of teacher, student and MLM baseline")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases, LayerNorms and embeddings)")
     beta2: float = opt(0.98, "AdamW beta2")
     warmup: float = opt(0.06, "share of steps with linear warmup")
     clip: float = opt(1.0, "gradient-norm clipping")
-    mask_rate: float = opt(0.4, "share of non-special tokens replaced by [MASK] in training (dev numbers always "
-                           "mask 15%)")
+    mask_rate: float = opt(0.4, "share of tokens replaced by [MASK] in training (dev numbers always mask 15%)")
     teacher_steps: int = opt(5000, "teacher MLM training steps")
     student_steps: int = opt(4000, "MLSM student (and MLM baseline) training steps")
     head_steps: int = opt(2000, "frozen-backbone token head training steps")
-    head_lr: float = opt(1e-4, "peak learning rate of the token head (1e-3 and more overshoot: concept "
-                         "logits are large)")
+    head_lr: float = opt(1e-4, "peak learning rate of the token head (1e-3 overshoots: concept logits are large)")
     # concepts
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
-    coder_rounds: int = opt(64, "rounds of the exact sparse coder (a GPU always runs them all); codes still "
-                            "unsolved after them are counted in the report and give no target (0 in the loss)")
+    coder_rounds: int = opt(64, "rounds of the exact sparse coder; codes unsolved after them give no target")
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
     dict_tokens: int = opt(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
     center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
     mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
-    baseline: bool = opt(True, "also train an MLM student: same size, data, batches, masks, steps, schedule, seed")
+    baseline: bool = opt(True, "also train an MLM student: same size, batches, masks, steps, schedule, seed")
     # evaluation and logging
     eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
-    blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs; the default is downloaded when "
-                     "missing; '' skips BLiMP")
-    blimp_pairs: int = opt(0, "BLiMP pairs per paradigm scored at the end: the first N of each paradigm (0: all)")
+    blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs, downloaded when missing; '' skips")
+    blimp_pairs: int = opt(0, "BLiMP pairs per paradigm scored at the end: the first N of each (0: all)")
     supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
-    finetune: str = opt("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl sentence-pair tasks "
-                        "(BabyLM GLUE format) to fine-tune the MLM baseline and the MLSM student on; the "
-                        "default (BabyLM's MRPC and RTE) is downloaded when missing; '' skips fine-tuning")
+    finetune: str = opt("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl (BabyLM GLUE format) to "
+                        "fine-tune on; the default (MRPC, RTE) is downloaded when missing; '' skips")
     finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
     finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
     finetune_seeds: int = opt(3, "fine-tuning runs per task and model, with different seeds")
-    pll: str = opt("word_l2r", "minimal-pair scorer: word_l2r (pseudo-log-likelihood that also masks the later "
-                   "pieces of the scored word; Kauf & Ivanova 2023) or original (Salazar et al. 2020)")
+    pll: str = opt("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar et al. 2020)")
     curve_points: int = opt(12, "dev evaluations along each training run, for the learning curves")
     curve_pairs: int = opt(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
     log_every: int = opt(50, "steps between loss readouts (a readout waits for the device)")
@@ -153,8 +137,8 @@ class Config:
 # Presets only change sizes; every field can still be set on the command line.
 PRESETS = {
     "laptop": {},
-    # Sized on a 2-core CPU for about 45 minutes, evaluation and fine-tuning included. Rows of 32
-    # tokens and lr 2e-3: at equal time they left the unigram plateau far sooner (README's recipe search).
+    # About 45 minutes on 2 CPU cores, evaluation included. Rows of 32 tokens and lr 2e-3 left the
+    # unigram plateau far sooner at equal time (README's recipe search).
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=256, n_layers=4, n_heads=4, dropout=0.0, batch_size=128,
                 lr=2e-3, teacher_steps=600, student_steps=450, head_steps=200, n_concepts=1024, dict_tokens=24_000,
                 eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10, curve_pairs=4, finetune_steps=100,
@@ -169,261 +153,6 @@ PRESETS = {
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
 RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "log_every", "ckpt_every", "blimp", "supplement",
             "finetune", "finetune_steps", "finetune_lr", "finetune_seeds"}
-
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one line, without a traceback."""
-
-
-def parse_config(argv=None):
-    """Command line -> Config: preset values first, then the flags given explicitly."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        # every default in the help, with the presets' own values; SUPPRESS keeps flags not given
-        # out of the parsed namespace, so the preset's value is used for them
-        presets = "".join(f"; {p}: {v[f.name]!r}" for p, v in PRESETS.items() if f.name in v)
-        help = f"{f.metadata['help']} (default: {f.default!r}{presets})".replace("%", "%%")
-        kw = dict(help=help, default=argparse.SUPPRESS)
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, **kw)
-    given = vars(parser.parse_args(argv))
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    cfg.out = cfg.out or f"runs/{preset}"
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    problems = []
-    if not 0 < cfg.mask_rate < 1:
-        problems.append(f"--mask_rate must be in (0, 1), got {cfg.mask_rate}")
-    if cfg.n_concepts < 1:
-        problems.append(f"--n_concepts must be at least 1, got {cfg.n_concepts}")
-    if cfg.vocab_size < N_SPECIAL + 256:
-        problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
-    if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
-        problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
-    for name in ("teacher_steps", "student_steps", "head_steps", "dict_epochs", "finetune_steps", "train_words",
-                 "blimp_pairs", "curve_pairs"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "dict_tokens", "coder_rounds",
-                 "eval_rows", "log_every", "ckpt_every", "finetune_seeds", "curve_points"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.seq_len < 3:
-        problems.append("--seq_len must be at least 3 ([CLS], one token, [SEP])")
-    if cfg.d_model % max(cfg.n_heads, 1):
-        problems.append(f"--d_model ({cfg.d_model}) must be divisible by --n_heads ({cfg.n_heads})")
-    for name in ("lr", "head_lr", "lam", "finetune_lr"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name, lo, hi in (("dropout", 0, 1), ("dev_fraction", 0, 1), ("warmup", 0, 1)):
-        if not lo <= getattr(cfg, name) < hi:
-            problems.append(f"--{name} must be in [{lo}, {hi}), got {getattr(cfg, name)}")
-    if cfg.pll not in ("word_l2r", "original"):
-        problems.append(f"--pll must be word_l2r or original, not {cfg.pll!r}")
-    if not 0 < cfg.beta2 < 1:
-        problems.append(f"--beta2 must be in (0, 1), got {cfg.beta2}")
-    if cfg.mlm_weight < 0 or cfg.weight_decay < 0 or cfg.clip <= 0:
-        problems.append("--mlm_weight and --weight_decay must be >= 0, --clip > 0")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: atomic writes, loads that fail with a clear message
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it into place.
-
-    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
-    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def load(path, reader):
-    """Read an artifact with `reader`; a damaged file becomes a UserError that says what to do."""
-    try:
-        return reader(path)
-    except Exception as e:  # torch, numpy and json raise many different types for a bad file
-        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                        f"delete it, or re-run with --fresh") from None
-
-
-def load_torch(path):
-    return load(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-
-
-def load_json(path):
-    return load(path, lambda p: json.loads(Path(p).read_text()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 0: the corpus -- download, find the text files, read them robustly
-# ---------------------------------------------------------------------------------------------
-
-CORPUS_URL = "https://osf.io/download/5mk3x/"  # BabyLM 2024 strict-small, train_10M.zip
-CORPUS_MD5 = "dc67e5d2db96ed4f76cb072e2504a18c"
-CORPUS_BYTES = 18_139_949
-
-
-# BabyLM's evaluation data (the official copies sit inside archives on OSF, osf.io/ryjfm), from a
-# public copy pinned to one commit, and checked: the SHA-256 of the files' `sha256sum` listing.
-EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
-            "evaluation_data")
-# BLiMP as BabyLM evaluates it ("fast": 200 of the 1,000 pairs of each of the 67 paradigms)
-BLIMP_URL, BLIMP_SHA256 = f"{EVAL_URL}/fast_eval/blimp_fast", "6a4a3fddedf89ffe6b6581fb7357e3c4cd703136a86abde66ee763a0503916fe"
-BLIMP_PARADIGMS = """adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
-animate_subject_trans causative complex_NP_island coordinate_structure_constraint_complex_left_branch
-coordinate_structure_constraint_object_extraction determiner_noun_agreement_1 determiner_noun_agreement_2
-determiner_noun_agreement_irregular_1 determiner_noun_agreement_irregular_2 determiner_noun_agreement_with_adj_2
-determiner_noun_agreement_with_adj_irregular_1 determiner_noun_agreement_with_adj_irregular_2
-determiner_noun_agreement_with_adjective_1 distractor_agreement_relational_noun distractor_agreement_relative_clause
-drop_argument ellipsis_n_bar_1 ellipsis_n_bar_2 existential_there_object_raising existential_there_quantifiers_1
-existential_there_quantifiers_2 existential_there_subject_raising expletive_it_object_raising inchoative intransitive
-irregular_past_participle_adjectives irregular_past_participle_verbs irregular_plural_subject_verb_agreement_1
-irregular_plural_subject_verb_agreement_2 left_branch_island_echo_question left_branch_island_simple_question
-matrix_question_npi_licensor_present npi_present_1 npi_present_2 only_npi_licensor_present only_npi_scope passive_1
-passive_2 principle_A_c_command principle_A_case_1 principle_A_case_2 principle_A_domain_1 principle_A_domain_2
-principle_A_domain_3 principle_A_reconstruction regular_plural_subject_verb_agreement_1
-regular_plural_subject_verb_agreement_2 sentential_negation_npi_licensor_present sentential_negation_npi_scope
-sentential_subject_island superlative_quantifiers_1 superlative_quantifiers_2 tough_vs_raising_1 tough_vs_raising_2
-transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questions_subject_gap_long_distance
-wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
-
-
-# BabyLM's filtered MRPC and RTE, train and validation splits
-GLUE_URL, GLUE_SHA256 = f"{EVAL_URL}/full_eval/glue_filtered", "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
-GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
-
-
-def fetch(url, path, desc, algorithm="md5"):
-    """Stream `url` into the file `path` with a progress bar -> hex digest of the bytes."""
-    digest = hashlib.new(algorithm)
-    with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
-        size = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=size, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-NET_ERRORS = (OSError, http.client.HTTPException)  # URLError is an OSError; a cut-off body is IncompleteRead
-
-
-def download_corpus(dest, url=CORPUS_URL, md5=CORPUS_MD5):
-    """Download a zip of *.train files, check its md5, and unpack it atomically to `dest`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    manual = (f"download {url} by hand, check that its md5 is {md5}, unzip it, and pass the "
-              f"folder with the *.train files as --data (or move it to {dest})")
-    part = dest.with_name(dest.name + ".zip.part")
-    try:
-        got = fetch(url, part, f"download {dest.name}")
-    except NET_ERRORS as e:
-        part.unlink(missing_ok=True)
-        raise UserError(f"could not download the corpus ({e}); {manual}") from None
-    if got != md5:
-        part.unlink()
-        raise UserError(f"the download is damaged (md5 {got}, expected {md5}); {manual}")
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        try:
-            with zipfile.ZipFile(part) as z:
-                z.extractall(tmp)
-        except zipfile.BadZipFile as e:
-            raise UserError(f"the download is not a valid zip ({e}); {manual}") from None
-        finally:
-            part.unlink()
-        roots = sorted({p.parent for p in Path(tmp).rglob("*.train")})
-        if not roots:
-            raise UserError(f"the archive holds no *.train files; {manual}")
-        os.replace(roots[0], dest)  # subtle: a rename, so `dest` never exists half-unpacked
-
-
-def download_files(dest, url, names, sha256, validate, manual):
-    """Download url/<name> for each name into a temporary folder beside `dest`, check them against
-    `sha256` (the SHA-256 of their `sha256sum` listing, in this order), let validate(folder) parse
-    them, then rename the folder into place: a cut-off or damaged download leaves nothing behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        folder = Path(tmp) / dest.name
-        folder.mkdir()
-        listing = ""
-        for name in tqdm(names, desc=f"download {dest.name}"):
-            try:
-                listing += f"{fetch(f'{url}/{name}', folder / name, name, 'sha256')}  {name}\n"
-            except NET_ERRORS as e:
-                raise UserError(f"could not download {name} ({e}); {manual}") from None
-        got = hashlib.sha256(listing.encode()).hexdigest()
-        if got != sha256:
-            raise UserError(f"the files are damaged or not the pinned ones (sha256 of their sha256sum listing "
-                            f"{got}, expected {sha256}); {manual}")
-        try:
-            validate(folder)  # a file that does not parse fails here, with its name and line
-        except UserError as e:
-            raise UserError(f"{str(e).replace(str(folder), url)}; {manual}") from None
-        os.replace(folder, dest)
-
-
-def download_blimp(dest, url=BLIMP_URL, paradigms=BLIMP_PARADIGMS, sha256=BLIMP_SHA256):
-    manual = (f"put BabyLM's BLiMP files (<paradigm>.jsonl of evaluation_data/fast_eval/blimp_fast in "
-              f"osf.io/ryjfm) into {dest} by hand, or pass another folder of minimal pairs as --blimp ('' skips BLiMP)")
-    download_files(dest, url, [f"{p}.jsonl" for p in paradigms], sha256, load_pairs, manual)
-
-
-def download_glue(dest, url=GLUE_URL, names=GLUE_FILES, sha256=GLUE_SHA256):
-    manual = (f"put BabyLM's filtered GLUE files ({', '.join(names)}; evaluation_data/full_eval/glue_filtered "
-              f"in osf.io/ryjfm) into {dest} by hand, or pass another folder as --finetune ('' skips fine-tuning)")
-    download_files(dest, url, names, sha256, load_tasks, manual)
-
-
-def find_corpus(path):
-    """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
-    path = Path(path)
-    if path.is_file():
-        return [path], []
-    if not path.is_dir():
-        raise UserError(f"--data {path} does not exist; give a text file or a folder of *.train / *.txt files")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".train", ".txt", ".dev"))
-    dev = [p for p in files if p.suffix == ".dev" or "dev" in p.relative_to(path).parts[:-1]]
-    train = [p for p in files if p not in dev]
-    if not train:
-        raise UserError(f"--data {path} holds no *.train or *.txt files")
-    return train, dev
-
-
-def read_text(path):
-    """One file -> its non-blank lines joined by newlines.
-
-    Universal newlines turn CRLF into LF; invalid UTF-8 bytes become U+FFFD instead of crashing;
-    files that are one multi-megabyte line (as in the BabyLM sample) need nothing special."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "\n".join(line.rstrip("\n") for line in f if line.strip())
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: byte-level BPE tokenizer
@@ -482,8 +211,7 @@ class Tokenizer:
             for p in zip(w, w[1:]):
                 pairs[p] += freqs[i]
                 where[p].add(i)
-        # Ties go to the smallest pair of ids, so training is deterministic.
-        heap = [(-c, p) for p, c in pairs.items()]
+        heap = [(-c, p) for p, c in pairs.items()]  # ties go to the smallest pair: deterministic
         heapq.heapify(heap)
         merges = []
         for new_id in tqdm(range(N_SPECIAL + 256, vocab_size), desc="BPE merges", mininterval=1):
@@ -543,23 +271,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        return cls(load_json(path)["merges"])
+        return cls(load(path)["merges"])
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: token ids packed into fixed-length rows, and masking
 # ---------------------------------------------------------------------------------------------
-
-
-def pack(ids, seq_len):
-    """A token stream (n,) -> rows (N, T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
-    a row is dropped."""
-    body = seq_len - 2
-    n = len(ids) // body
-    rows = np.asarray(ids[: n * body]).reshape(n, body)  # (N, T-2)
-    cls = np.full((n, 1), CLS, rows.dtype)
-    sep = np.full((n, 1), SEP, rows.dtype)
-    return np.concatenate([cls, rows, sep], axis=1)  # (N, T)
 
 
 def read_corpus(cfg):
@@ -572,6 +289,17 @@ def read_corpus(cfg):
         cuts = [t.find(" ", int(len(t) * cfg.train_words / words)) for t in train]
         train = [t[:c] if c >= 0 else t for t, c in zip(train, cuts)]
     return train, [read_text(p) for p in dev_files]
+
+
+def pack(ids, seq_len):
+    """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
+    a row is dropped."""
+    body = seq_len - 2
+    n = len(ids) // body
+    rows = np.asarray(ids[: n * body]).reshape(n, body)  # (N', T-2)
+    cls = np.full((n, 1), CLS, rows.dtype)
+    sep = np.full((n, 1), SEP, rows.dtype)
+    return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
 
 
 def encode_corpus(cfg, tok, train_texts, dev_texts):
@@ -599,11 +327,9 @@ def mask_tokens(ids, rate, gen):
     positions per row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked), every one
     replaced by [MASK].
 
-    The original MLSM code replaces every selected token by [MASK] (no BERT 80/10/10); we follow it.
-    80/10/10 exists to soften the mismatch between pretraining and fine-tuning inputs, which
-    matters less here than staying comparable to the paper. The original selects each token with
-    probability `rate`; we select exactly m per row (ours), so every batch has M = B m masked
-    positions and the step never waits for the GPU to learn how many there are."""
+    As in the original, every selected token becomes [MASK] (no BERT 80/10/10, which softens the
+    mismatch with fine-tuning inputs). The original selects int(rate * n) tokens of a line; we select
+    m per packed row, so every batch has M = B m masked positions and a GPU never has to report how many."""
     B, T = ids.shape
     m = max(1, round(rate * (T - 2)))
     pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1  # (B, m)
@@ -628,12 +354,17 @@ def to_device(t, device):
 
 
 def get_batch(rows, cfg, salt, step, device):
-    """Random rows for one step -> (ids (B, T) on device, masked ids (B, T), masked positions (B, m))."""
+    """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
+
+    Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
+    its own share of the rows, so N processes train on exactly the batches and masks of one."""
     seed = step_seed(cfg, salt, step)
     idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
     ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
     gen = torch.Generator(device=device).manual_seed(seed)
-    return (ids, *mask_tokens(ids, cfg.mask_rate, gen))
+    rank, world = shard()
+    share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+    return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
 
 
 EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
@@ -684,15 +415,15 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(dropout))
 
     def forward(self, x, keep=None, pos=None):
-        """(B, T, C) -> (B, T, C), or (B m, C) at positions pos (B, m) only."""
-        x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)  # pre-LN: normalise each
-        return x + self.mlp(self.ln2(x))  # sub-layer's input
+        """(B, T, C) -> (B, T, C), or (B m, C) at positions pos (B, m) only. Pre-LN: each sub-layer's
+        input is normalised, the residual stream is not."""
+        x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)
+        return x + self.mlp(self.ln2(x))
 
 
 class Encoder(nn.Module):
-    """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads:
-    a token head tied to the input embeddings (MLM), and a concept head over K concepts (MLSM,
-    only when n_concepts > 0). Heads run on the hidden states of masked positions only."""
+    """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads: a token head
+    tied to the input embeddings (MLM), and a concept head over K concepts (MLSM, when n_concepts > 0)."""
 
     def __init__(self, vocab_size, seq_len, d_model, n_layers, n_heads, dropout=0.0, n_concepts=0):
         super().__init__()
@@ -724,11 +455,10 @@ class Encoder(nn.Module):
         """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f);
         with pos (B, m), only the states at those positions (B m, C), row by row.
 
-        Why pos: the losses need states at masked positions only, and a position's state after the
-        last block depends on the others only through attention's keys and values, so the last
-        block runs its attention output, projection and MLP at those ~15% of positions alone. That
-        saves ~60% of the last block: 15% of a step at 4 layers. Positions, not a boolean mask:
-        a mask's count is data, and a GPU would have to stop and report it to size the output."""
+        Why pos: the losses need states at masked positions only, and there the last block needs the
+        other positions only as attention's keys and values: its projection and MLP run at the masked
+        positions alone (15% of a step at 4 layers). Positions, not a boolean mask: a mask's count is
+        data, and a GPU would have to stop and report it to size the output."""
         B, T = ids.shape
         x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
         layer = len(self.blocks) if layer in (None, -1) else layer
@@ -748,16 +478,6 @@ class Encoder(nn.Module):
 def build_encoder(cfg, vocab_size, n_concepts=0):
     torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
     return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
-
-
-def compiled(model, cfg):
-    """The module to call in training steps: torch.compile'd on request. It shares parameters
-    with `model`, whose state dict is the one saved, so checkpoints carry no `_orig_mod.` prefix."""
-    return torch.compile(model) if cfg.compile else model
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,17 +503,27 @@ def concept_kl(logits, target):
 
 # ---------------------------------------------------------------------------------------------
 # One training loop for teacher, student and head: AdamW, warmup + linear decay, clipping,
-# bf16 autocast on CUDA, atomic checkpoints, exact resume
+# bf16 autocast on CUDA, data parallel under torchrun, atomic checkpoints, exact resume
 # ---------------------------------------------------------------------------------------------
 
 
-def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
-    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(step).
+def shard():
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-    loss_fn(step) -> (loss, extras): extras are tensors summed over all steps (e.g. counters)
-    and returned as floats. curve() -> {name: float} is measured before the first step and at
-    cfg.curve_points evenly spaced steps; its time is not training time. Checkpoints go to
-    <out>/<name>.ckpt.pt; an existing one is resumed. -> (totals, seconds, curve points)."""
+
+def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
+    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(net, step), where
+    net is the model to call: `model` itself, or wrapped by DistributedDataParallel under torchrun
+    (parallel=False: this process trains alone) and by torch.compile with --compile.
+
+    loss_fn -> (loss, extras): extras are counters summed over all steps (and processes). curve() ->
+    {name: float} is measured before the first step and at cfg.curve_points evenly spaced steps; its
+    time is not training time. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed.
+    -> (totals, seconds, curve points)."""
+    rank, world = shard() if parallel else (0, 1)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
+    net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     # no weight decay on biases, LayerNorm gains and embeddings (and so never on the head's
@@ -809,7 +539,7 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     ckpt_path = Path(out) / f"{name}.ckpt.pt"
     start, totals, elapsed, points = 0, {}, 0.0, []
     if ckpt_path.exists():
-        ck = load_torch(ckpt_path)
+        ck = load(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -820,7 +550,7 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
     t0, recent = time.time(), 0.0
 
-    def measure(step):  # a curve point; the clock stops while it is measured
+    def measure(step):  # a curve point, on rank 0 alone (the others wait in the next step's all-reduce)
         nonlocal t0
         seconds = elapsed + time.time() - t0
         model.eval()
@@ -828,47 +558,52 @@ def train(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
             points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": seconds, **curve()})
         t0 = time.time() - (seconds - elapsed)
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=rank > 0)
     for step in bar:
-        if step in at_steps and not any(p["step"] == step for p in points):
+        if rank == 0 and step in at_steps and not any(p["step"] == step for p in points):
             measure(step)
         model.train()
-        torch.manual_seed(step_seed(cfg, 0, step))  # dropout too is a function of the step alone
+        torch.manual_seed(step_seed(cfg, 0, step) + rank)  # dropout too is a function of the step alone
         with autocast:
-            loss, extras = loss_fn(step)
+            loss, extras = loss_fn(net, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()
+        if world > 1 and extras:  # counters of the whole batch: one small all-reduce, no wait on the host
+            summed = torch.stack(list(extras.values()))
+            dist.all_reduce(summed)
+            extras = dict(zip(extras, summed))
         for k, v in extras.items():
             totals[k] = totals.get(k, 0) + v.detach()
         recent = recent + loss.detach()
         if (step + 1) % cfg.log_every == 0:  # .item() waits for the device: only at log intervals
             bar.set_postfix(loss=f"{recent.item() / cfg.log_every:.4f}")
             recent = 0.0
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+        if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
                       totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0, curve=points)
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
-    if steps in at_steps and not any(p["step"] == steps for p in points):
+    if rank == 0 and steps in at_steps and not any(p["step"] == steps for p in points):
         measure(steps)
     model.eval()
     return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0, points
 
 
-def trained(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
-    """Stage wrapper: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
+def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
+    """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
     path = Path(out) / f"{name}.pt"
     if path.exists():
-        ck = load_torch(path)
+        ck = load(path)
         model.load_state_dict(ck["model"])
         model.eval()
         return model, ck["info"]
-    totals, seconds, points = train(name, model, loss_fn, steps, lr, cfg, out, device, curve)
+    totals, seconds, points = train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve)
     info = {"totals": totals, "seconds": seconds, "curve": points}
-    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
-    (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    if shard()[0] == 0:
+        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
+        (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     return model, info
 
 
@@ -877,11 +612,9 @@ def trained(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def mlm_step(model, rows, cfg, salt, device):
-    """loss_fn for plain MLM: the model sees the masked input and predicts the original tokens."""
-    net = compiled(model, cfg)
-
-    def loss_fn(step):
+def make_mlm_loss(model, rows, cfg, salt, device):
+    """loss_fn(net, step) for plain MLM: the model sees the masked input and predicts the original tokens."""
+    def loss_fn(net, step):
         ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
         h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
         return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": torch.tensor(pos.numel())}
@@ -895,11 +628,11 @@ def mlm_scorer(model):
 
 def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, curve=None):
     """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks).
-    curve(token_logits) -> the learning-curve function of train()."""
+    curve(token_logits) -> the learning-curve function of train_loop."""
     model = build_encoder(cfg, vocab_size).to(device)
-    print(f"{name}: {count_params(model) / 1e6:.2f}M parameters")
-    return trained(name, model, mlm_step(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device,
-                   curve and curve(mlm_scorer(model)))
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return train_or_load(name, model, make_mlm_loss(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out,
+                         device, curve and curve(mlm_scorer(model)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -934,43 +667,69 @@ def normalise_states(h, mean):
 
 def learn_dictionary(X, cfg):
     """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows.
-    Objective (scikit-learn's, the same as the original code's), over codes A >= 0 and D:
+    Objective (scikit-learn's; the original's SPAMS trainDL minimises the same), over codes A >= 0 and D:
         min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
     subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
-
     from sklearn.exceptions import ConvergenceWarning
 
     dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
                                      fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
                                      random_state=cfg.seed)
-    with warnings.catch_warnings():  # the inner lasso of each mini-batch may stop early: harmless for
-        warnings.simplefilter("ignore", ConvergenceWarning)  # the dictionary, and the codes we use
-        dl.fit(X)  # come from SparseCoder, exact; the report shows their reconstruction error
+    with warnings.catch_warnings():  # the inner lasso of a mini-batch may stop early: harmless for the
+        warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary, and the codes we use come
+        dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
     return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
 
 
-class SparseCoder:
-    """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch:
-        a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1            (one problem per row x)
+# The codes. For a >= 0, lam ||a||_1 = lam sum_k a_k is linear in a, so the non-negative lasso
+#     a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1
+#           = argmin_{a >= 0} 0.5 a G a^T - (x D^T - lam) a^T,     G = D D^T (K, K)
+# is a non-negative least-squares problem with the linear term x D^T - lam. Two ways to solve it:
+# the original's FISTA (projected gradient steps, fast but approximate), and the active-set method
+# of Lawson & Hanson (exact), which mlsm.py uses.
 
-    The original code ran 100 FISTA iterations over all K atoms. Teacher states make these problems
-    badly conditioned (near-parallel atoms), so first-order methods stop far from the optimum (a 7%
-    objective gap after 100 FISTA iterations, see README). Codes have only ~10 non-zeros, so we use
-    the active-set method of Lawson & Hanson instead, batched over rows, which ends at the exact
-    solution. Each row keeps its support S in a few slots; with z the least-squares solution on S,
-    G_SS z = (x D^T - lam)_S (G = D D^T), and w = (x - a D) D^T - lam the negative gradient, a round
-    makes one of two moves in every row:
+
+def fista(X, D, lam, iters=100):
+    """The original's coder: `iters` steps of non-negative FISTA (Beck & Teboulle 2009).
+    X (N, C), D (K, C) -> codes A (N, K) >= 0. Each step is a gradient step of length 1/L on the
+    objective above (L = largest eigenvalue of G), then the projection onto a >= 0, from a point
+    extrapolated along the last move. Near-parallel atoms make L large and the steps short: on
+    teacher states 100 steps leave a gap to the optimum (measured in the tests and README)."""
+    G = D @ D.T  # (K, K)
+    L = torch.linalg.eigvalsh(G.double()).max().to(G.dtype)
+    b = X @ D.T - lam  # (N, K): the linear term
+    A = Y = torch.zeros(len(X), len(D), dtype=X.dtype, device=X.device)  # (N, K) each
+    t = 1.0
+    for _ in range(iters):
+        A_next = (Y + (b - Y @ G) / L).clamp(min=0)  # the gradient of the objective is a G - b
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        Y = A_next + (t - 1) / t_next * (A_next - A)
+        A, t = A_next, t_next
+    return A
+
+
+class SparseCoder:
+    """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch, batched
+    over rows: Lawson & Hanson's active-set method for the non-negative least squares above.
+
+    Each row keeps a support S, the atoms allowed to be non-zero. On S, the minimiser z of the
+    objective solves G_SS z = (x D^T - lam)_S. With w = (x - a D) D^T - lam the negative gradient,
+    a round makes one of two moves in every row:
       drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
       add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
             and if none has, a is optimal (the KKT conditions hold) and the row is done.
-    Every round is the same batched work whatever the data, so a GPU runs all `rounds` of them
-    without once waiting to be told which rows are done (done rows stay where they are). On the
-    CPU, asking costs nothing: rows that are done leave, and the loop ends with the last one
-    (`shrink`, by default on the CPU only).
+    Codes have ~10 non-zeros, so a row needs ~10-20 rounds of small solves, and ends at the optimum.
+    Why not FISTA: teacher states make the problem badly conditioned, and 100 FISTA steps stop far
+    from the optimum (a 7% objective gap on real states, see README).
+
+    Bookkeeping, kept out of the moves' way: S lives in a few slots per row, doubled on a fixed
+    schedule up to `slots`; every round is the same batched work whatever the data, so a GPU runs
+    all `rounds` without once waiting to be told which rows are done (done rows stay where they
+    are). On the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
 
     subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS badly
-    conditioned (7e3 in a real batch), so the small solves run in float64 to be safe. Apple's MPS has no
+    conditioned (7e3 in a real batch), so the small solves run in float64. Apple's MPS has no
     float64: there the coder keeps float32 (`host_solve`) and sends each round's small systems to
     the CPU to be solved in float64 -- one wait per round, but exact codes."""
 
@@ -1002,7 +761,7 @@ class SparseCoder:
         N = len(X)
         XD = X @ D.T  # (N, K)
         idx = torch.zeros(N, 4, dtype=torch.long, device=dev)  # (N, s) atom in each slot
-        on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in use
+        on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in S
         a = torch.zeros(N, 4, dtype=self.dtype, device=dev)  # (N, s) coefficient in each slot
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         live = torch.arange(N, device=dev) if self.shrink else slice(None)  # rows worked on (all: views, no copies)
@@ -1012,8 +771,9 @@ class SparseCoder:
                 idx, on, a = (torch.cat([t, torch.zeros_like(t)], 1) for t in (idx, on, a))
                 s *= 2
             Il, ol, al = idx[live], on[live], a[live]  # (n, s) each
+            # z: the least-squares solution on S, G_SS z = (x D^T - lam)_S (free slots solve z = 0)
             G_SS = G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
-            eye = torch.eye(s, device=dev, dtype=self.dtype)  # unused slots solve z = 0
+            eye = torch.eye(s, device=dev, dtype=self.dtype)
             b = torch.where(ol, XD[live].gather(1, Il).to(self.dtype) - self.lam, 0)  # (n, s)
             z = self.solve(torch.where(ol.unsqueeze(2) & ol.unsqueeze(1), G_SS, eye), b)  # (n, s)
             # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
@@ -1022,7 +782,7 @@ class SparseCoder:
             step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
             ol = ol & ~(bad & (ratio <= step))
             al = torch.where(ol, al + step * (z - al), 0)
-            # add: the gradient through the residual x - a D
+            # add: the atom outside S with the largest negative gradient w, through the residual x - a D
             A = torch.zeros(len(Il), K, device=dev).scatter_add_(1, Il, al.float())  # (n, K); free slots add 0
             w = (X[live] - A @ D) @ D.T - self.lam  # (n, K)
             best, new = w.masked_fill(self.support(Il, ol, K), -math.inf).max(1)  # (n,)
@@ -1031,10 +791,10 @@ class SparseCoder:
             rows, free = torch.arange(len(Il), device=dev), (~ol).to(torch.int8).argmax(1)  # first free slot
             Il[rows, free] = torch.where(add, new, Il[rows, free])
             ol[rows, free] |= add
-            dl = optimal_on_S & (best <= 1e-6)
-            idx[live], on[live], a[live], done[live] = Il, ol, al, dl
+            finished = optimal_on_S & (best <= 1e-6)  # KKT: no atom outside S would lower the objective
+            idx[live], on[live], a[live], done[live] = Il, ol, al, finished
             if self.shrink:
-                live = live[~dl]
+                live = live[~finished]
                 if len(live) == 0:
                     break
         return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a.float()), done
@@ -1051,22 +811,11 @@ def code_distribution(A):
     return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0
 
 
-def dictionary_stats(coder, X):
-    """Quality of the dictionary on held-out normalised states X (N, C)."""
-    A, solved = coder.encode(X)
-    err = ((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()
-    nnz = (A > 0).sum(-1).float()
-    return {"rel_error": float(err), "nonzeros": float(nnz.mean()), "zero_share": float((nnz == 0).float().mean()),
-            "unsolved": int((~solved).sum())}
-
-
 def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
-    """Stage wrapper for the dictionary: -> (SparseCoder on device, mean state (C,), info)."""
+    """Stage wrapper for the dictionary, learned once (by rank 0 under torchrun) and saved:
+    -> (SparseCoder on device, mean state (C,), info with its quality on held-out dev states)."""
     path = Path(out) / "dictionary.npz"
-    if path.exists():
-        z = load(path, lambda p: dict(np.load(p)))
-        D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
-    else:
+    if shard()[0] == 0 and not path.exists():
         t0 = time.time()
         H, _ = teacher_states(teacher, train_rows, cfg, cfg.dict_tokens, device, cfg.seed)
         if len(H) < cfg.n_concepts:
@@ -1077,10 +826,17 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
         D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
         Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-        info = dictionary_stats(SparseCoder(D, cfg.lam, cfg.coder_rounds), normalise_states(torch.from_numpy(Hd), mean))
-        info["seconds"] = time.time() - t0
+        X = normalise_states(torch.from_numpy(Hd), mean)
+        A, solved = SparseCoder(D, cfg.lam, cfg.coder_rounds).encode(X)
+        nnz = (A > 0).sum(-1).float()
+        info = {"rel_error": float(((X - A @ D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
+                "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum()),
+                "seconds": time.time() - t0}
         atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
-    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), info
+    barrier()
+    z = load(path)
+    D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
+    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), json.loads(str(z["info"]))
 
 
 @torch.no_grad()
@@ -1090,7 +846,7 @@ def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
     rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
     ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
     h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
-    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean))[0].cpu()  # (B*(T-2), K)
+    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean))[0].cpu()  # (B (T-2), K)
     share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
     concepts = []
     for k in share.argsort(descending=True)[:top].tolist():
@@ -1126,10 +882,9 @@ def concept_targets(teacher, coder, mean, ids, pos, cfg):
     return (*code_distribution(A), solved)
 
 
-def mlsm_step(student, teacher, coder, mean, rows, cfg, device):
-    net = compiled(student, cfg)
-
-    def loss_fn(step):
+def make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device):
+    """loss_fn(net, step) for MLSM. Under torchrun each process computes the targets of its own rows."""
+    def loss_fn(net, step):
         ids, x, pos = get_batch(rows, cfg, 2, step, device)  # (B, T), (B, T), (B, m)
         p, has_mass, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)  # (M, K), (M,), (M,)
         h = net(x, pos=pos)  # (M, C)
@@ -1156,10 +911,13 @@ def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
 
 def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, device):
     student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
-    print(f"student: {count_params(student) / 1e6:.2f}M parameters")
-    curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device)
-    return trained("student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device),
-                   cfg.student_steps, cfg.lr, cfg, out, device, curve)
+    print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
+    if not cfg.mlm_weight:  # subtle: the token head gets no gradient; DistributedDataParallel needs to know
+        for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
+            p.requires_grad_(False)
+    curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device) if shard()[0] == 0 else None
+    return train_or_load("student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device),
+                         cfg.student_steps, cfg.lr, cfg, out, device, curve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1182,7 +940,7 @@ def unigram_logp(rows, vocab_size):
 
 def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
     """Only a linear layer with bias from the student's K concept logits to V token logits is
-    trained, with MLM cross-entropy; every student parameter stays as it was.
+    trained, with MLM cross-entropy (L_MLM above); every student parameter stays as it was.
 
     Init (ours; the paper does not say): W = 0 and b = log unigram frequencies, so the head
     starts as the unigram model and what it learns beyond that comes from the concepts. With
@@ -1195,14 +953,14 @@ def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
         head.bias.copy_(unigram_logp(rows, vocab_size))
     head = head.to(device)
 
-    def loss_fn(step):
+    def loss_fn(net, step):
         ids, x, pos = get_batch(rows, cfg, 3, step, device)
         with torch.no_grad():
             z = student.concept_logits(student(x, pos=pos))  # (M, K)
-        return mlm_loss(head(z.float()), at(ids, pos)), {}
+        return mlm_loss(net(z.float()), at(ids, pos)), {}
 
-    return trained("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
-                   curve and curve(head_scorer(student, head)))
+    return train_or_load("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
+                         curve and curve(head_scorer(student, head)))
 
 
 def head_scorer(student, head):
@@ -1211,7 +969,7 @@ def head_scorer(student, head):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 7: evaluation and report
+# Stage 7: evaluation -- dev loss, minimal pairs by pseudo-log-likelihood, fine-tuning, report
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1236,36 +994,18 @@ def unigram_scorer(train_rows, vocab_size, device):
     return lambda ids, keep, pos: logp.repeat(pos.numel(), 1)  # (M, V)
 
 
-def load_pairs(path):
-    """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
-    file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
-    path = Path(path)
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    if not files or not files[0].exists():
-        raise UserError(f"no *.jsonl minimal pairs at {path}")
-    pairs = {}
-    for f in files:
-        for n, line in enumerate(read_text(f).splitlines(), 1):
-            try:
-                item = json.loads(line)
-                pair = (str(item["sentence_good"]), str(item["sentence_bad"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{f}:{n} is not a minimal pair with sentence_good and sentence_bad ({e})") from None
-            pairs.setdefault(item.get("UID", f.stem), []).append(pair)
-    return pairs
-
-
 @torch.no_grad()
 def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
-    """PLL(s) = sum_i log p(s_i | s with token i masked)  (Salazar et al. 2020), and by default its
-    word-l2r variant (Kauf & Ivanova 2023): when token i is scored, the later tokens of the same word
-    are masked too, so a word split into pieces cannot be read off its own pieces (" walk|ing": "ing"
-    would give away " walk"). A word is one pre-token of the tokenizer.
+    """Pseudo-log-likelihood of each sentence s = s_1 .. s_n (Salazar et al. 2020):
+        PLL(s) = sum_i log p(s_i | s with token i masked)
+    and by default its word-l2r variant (Kauf & Ivanova 2023): when token i is scored, the later
+    tokens of the same word are masked too, so that a word split into pieces cannot be read off its
+    own pieces (" walk|ing": "ing" would give away " walk"). A word is one pre-token of the tokenizer.
+    The softmax is over real tokens: special tokens are never the answer.
 
-    Batched: one masked copy of the sentence per scored token, many copies per batch.
-    token_logits(ids (B, T), keep (B, T), pos (B, 1)) -> (B, V). The softmax is over real tokens:
-    special tokens are never the answer. Sentences longer than seq_len are cut to it.
-    -> (len(sentences),) float64 numpy."""
+    Batched: one masked copy of a sentence per scored token, copies of similar length in one batch.
+    token_logits(ids (B, T), keep (B, T), pos (B, 1)) -> (B, V). Sentences longer than seq_len are
+    cut to it. -> (N,) float64 numpy."""
     seqs, words = [], []  # token ids, and the index of the word each token belongs to (-1: special)
     for s in sentences:
         pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]
@@ -1273,8 +1013,8 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
         seqs.append([CLS] + ids + [SEP])
         words.append([-1] + [w for w, p in enumerate(pieces) for _ in p][: len(ids)] + [-1])
     L = max(map(len, seqs))
-    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (S, L)
-    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (S, L)
+    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (N, L)
+    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (N, L)
     for j, (q, w) in enumerate(zip(seqs, words)):
         padded[j, :len(q)], word[j, :len(w)] = q, w
     jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
@@ -1300,63 +1040,18 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
 
 
 def minimal_pairs(token_logits, tok, pairs, cfg, device):
-    """Accuracy on minimal pairs: correct only if PLL(good) > PLL(bad) strictly; ties are counted
-    and reported, and count as wrong (the official BabyLM pipelines count them right)."""
+    """Accuracy on minimal pairs {paradigm: [(good, bad)]}: right only if PLL(good) > PLL(bad)
+    strictly; ties are counted, and count as wrong (the official BabyLM pipelines count them right)."""
     flat = [p for ps in pairs.values() for p in ps]
     word_l2r = cfg.pll == "word_l2r"
     good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device, word_l2r)
     bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device, word_l2r)
     per, i = {}, 0
     for name, ps in pairs.items():
-        g, b = good[i:i + len(ps)], bad[i:i + len(ps)]
-        per[name] = float((g > b).mean())
+        per[name] = float((good[i:i + len(ps)] > bad[i:i + len(ps)]).mean())
         i += len(ps)
     return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
             "pairs": len(flat), "paradigms": per}
-
-
-# BabyLM's (Super)GLUE files: the fields of each format -> the two text segments of an example
-TASK_FORMATS = [
-    (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
-    (("premise", "hypothesis"), lambda d: (d["premise"], d["hypothesis"])),  # MNLI
-    (("question1", "question2"), lambda d: (d["question1"], d["question2"])),  # QQP
-    (("paragraph", "question", "answer"), lambda d: (f"{d['question']} {d['answer']}", d["paragraph"])),  # MultiRC
-    (("question", "passage"), lambda d: (d["question"], d["passage"])),  # BoolQ
-    (("text", "span1_text", "span2_text"),  # WSC: does the pronoun (span 2) refer to span 1?
-     lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
-]
-
-
-def task_example(item):
-    """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
-    for fields, segments in TASK_FORMATS:
-        if all(f in item for f in fields):
-            return (*map(str, segments(item)), int(item["label"]))
-    raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
-
-
-def load_tasks(path):
-    """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
-    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label)."""
-    tasks = {}
-    for train_file in sorted(Path(path).glob("*.train.jsonl")):
-        task = train_file.name.removesuffix(".train.jsonl")
-        splits = []
-        for f in (train_file, train_file.with_name(f"{task}.valid.jsonl")):
-            if not f.exists():
-                raise UserError(f"{f} is missing: each <task>.train.jsonl needs a <task>.valid.jsonl")
-            split = []
-            for n, line in enumerate(read_text(f).splitlines(), 1):
-                try:
-                    split.append(task_example(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise UserError(f"{f}:{n} is not an example of a known task format with an integer "
-                                    f"label ({e})") from None
-            splits.append(split)
-        tasks[task] = tuple(splits)
-    if not tasks:
-        raise UserError(f"no <task>.train.jsonl files in {path}")
-    return tasks
 
 
 class PairClassifier(nn.Module):
@@ -1390,15 +1085,15 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     torch.manual_seed(seed)  # the seed picks the classifier's initial weights and the batches
     model = PairClassifier(encoder, n_labels).to(device)
     X, Y = encode_pairs(tok, train_pairs, cfg.seq_len)
-    run_cfg = dataclasses.replace(cfg, seed=seed)
+    run_cfg = dataclasses.replace(cfg, seed=seed, compile=False)  # lengths vary: compiling would not pay
 
-    def loss_fn(step):
+    def loss_fn(net, step):
         idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, 4, step)).integers(0, len(X), cfg.batch_size))
         ids = X[idx]  # (B, T)
         ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
-        return F.cross_entropy(model(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
+        return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
 
-    train(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device)
+    train_loop(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device, parallel=False)
     (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     Xv, Yv = encode_pairs(tok, valid_pairs, cfg.seq_len)
     with torch.no_grad():
@@ -1421,42 +1116,34 @@ def fingerprint(state):
 
 
 def probe(models, cfg, tok, tasks, out, device):
-    """Every model x task x seed, identical settings; results cached in finetune.json under a key that
-    holds the model's fingerprint, so an interrupted probe resumes and a retrained model is probed
-    anew. -> {task: {model: {"acc": [..], "f1": [..], mean and spread}}}."""
+    """Fine-tune every model x task x seed, with identical settings; each result is cached in
+    finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
+    retrained model is probed anew. -> {task: {model: {"acc": {mean, std, runs}, "f1": ...}}}."""
     path = Path(out) / "finetune.json"
-    done = load_json(path) if path.exists() else {}
-    keys = {}
+    done = load(path) if path.exists() else {}
+    summary = {}
     for task, (train_pairs, valid_pairs) in tasks.items():
         for model_name, state in models.items():
-            weights = fingerprint(state)
+            weights, runs = fingerprint(state), []
             for seed in range(cfg.finetune_seeds):
-                key = keys[task, model_name, seed] = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
+                key = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
                 if key not in done:
                     done[key] = finetune(state, cfg, tok, train_pairs, valid_pairs, seed,
                                          f"finetune_{task}_{weights}_{seed}", out, device)
                     save_json(path, done)
-    summary = {}
-    for task in tasks:
-        for model_name in models:
-            runs = [done[keys[task, model_name, s]] for s in range(cfg.finetune_seeds)]
+                runs.append(done[key])
             summary.setdefault(task, {})[model_name] = {
                 m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
                     "runs": [r[m] for r in runs]} for m in runs[0]}
     return summary
 
 
-def majority_share(pairs):
-    """Validation accuracy of always answering the most common label: the floor of a probe."""
-    return float(np.bincount([y for *_, y in pairs]).max() / len(pairs))
-
-
 MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
 
 
 def chart(curves, key, title, width=64, height=10):
-    """Learning curves as a text chart: `key` of each curve point against tokens seen.
-    curves {name: [{"tokens": .., key: ..}, ..]}; each curve is drawn with its letter in MARKS."""
+    """Learning curves {name: [{"tokens": .., key: ..}, ..]} as a text chart of `key` against tokens
+    seen, each curve drawn with its letter in MARKS ('*' where curves overlap)."""
     series = {name: [(p["tokens"], p[key]) for p in pts if key in p] for name, pts in curves.items() if pts}
     series = {name: xy for name, xy in series.items() if xy}
     if not series:
@@ -1467,7 +1154,7 @@ def chart(curves, key, title, width=64, height=10):
     for name, xy in series.items():
         for x, y in xy:
             r, c = round((hi - y) / ((hi - lo) or 1) * height), round(x / right * width)
-            grid[r][c] = MARKS[name] if grid[r][c] in (" ", MARKS[name]) else "*"  # '*': curves overlap
+            grid[r][c] = MARKS[name] if grid[r][c] in (" ", MARKS[name]) else "*"
     print(f"\n{title}")
     for r, row in enumerate(grid):
         print(f"{hi - r * (hi - lo) / height:8.3f} |" + "".join(row))
@@ -1477,29 +1164,33 @@ def chart(curves, key, title, width=64, height=10):
 
 
 def report(results):
-    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks."""
-    models = results["models"]
-    sets = [k for k in ("BLiMP", "supplement") if any(k in r for r in models.values())]
-    tasks = list(results["majority_class"])
-    cell = lambda r, fmt: fmt(r) if r is not None else "-"
-    columns = [("dev loss", 9, lambda r: cell(r.get("dev_loss"), "{:.3f}".format)),
-               ("dev acc", 8, lambda r: cell(r.get("dev_acc"), "{:.3f}".format))]
-    columns += [(f"{s} (ties)", 19, lambda r, s=s: cell(r.get(s), lambda b: f"{b['macro']:.3f} ({b['ties']})"))
-                for s in sets]
-    columns += [(f"{t} acc", 13, lambda r, t=t: cell(r.get("finetune", {}).get(t),
-                                                        lambda f: f"{f['acc']['mean']:.3f}±{f['acc']['std']:.3f}"))
-                for t in tasks]
+    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks; then the curves."""
+    models, c, tasks = results["models"], results["config"], list(results["majority_class"])
+    columns = {"dev loss": lambda r: f"{r['dev_loss']:.3f}", "dev acc": lambda r: f"{r['dev_acc']:.3f}"}
+    for s in ("BLiMP", "supplement"):
+        columns[f"{s} (ties)"] = lambda r, s=s: f"{r[s]['macro']:.3f} ({r[s]['ties']})"
+    for t in tasks:
+        columns[f"{t} acc"] = lambda r, t=t: f"{r['finetune'][t]['acc']['mean']:.3f}±{r['finetune'][t]['acc']['std']:.3f}"
     if len(tasks) > 1:
-        columns += [("tasks macro", 12, lambda r: cell(r.get("finetune_macro"), "{:.3f}".format))]
-    columns += [("train time", 11, lambda r: cell(r.get("seconds"), lambda x: f"{x / 60:.1f} min"))]
+        columns["tasks macro"] = lambda r: f"{r['finetune_macro']:.3f}"
+    columns["train time"] = lambda r: f"{r['seconds'] / 60:.1f} min"
+
+    def cell(fn, r):  # '-' where a model has no such number
+        try:
+            return fn(r)
+        except (KeyError, TypeError):
+            return "-"
+    table = {name: [cell(fn, r) for fn in columns.values()] for name, r in models.items()}
+    shown = [i for i in range(len(columns)) if any(row[i] != "-" for row in table.values())]
+    widths = [max(len(name), *(len(row[i]) for row in table.values())) + 2 for i, name in enumerate(columns)]
     print("\n" + "=" * 100)
-    print(f"{'model':<21}" + "".join(f"{name:>{w}}" for name, w, _ in columns))
-    for name, r in models.items():
-        print(f"{name:<21}" + "".join(f"{fn(r):>{w}}" for _, w, fn in columns))
-    print(f"dev: masked tokens of the same {results['config']['eval_rows']} dev rows for every model; minimal "
-          f"pairs: macro average over paradigms, ties count as wrong; fine-tuning: validation accuracy, "
-          f"mean ± std over {results['config']['finetune_seeds']} seeds; MLSM rows also need the teacher and "
-          f"dictionary ({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)")
+    print(f"{'model':<21}" + "".join(f"{list(columns)[i]:>{widths[i]}}" for i in shown))
+    for name, row in table.items():
+        print(f"{name:<21}" + "".join(f"{row[i]:>{widths[i]}}" for i in shown))
+    print(f"dev: masked tokens of the same {c['eval_rows']} dev rows for every model; minimal pairs: macro average "
+          f"over paradigms, ties count as wrong; fine-tuning: validation accuracy, mean ± std over "
+          f"{c['finetune_seeds']} seeds; MLSM rows also need the teacher and dictionary "
+          f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)")
     for t in tasks:
         f1 = "; ".join(f"{m} {r['finetune'][t]['f1']['mean']:.3f} ± {r['finetune'][t]['f1']['std']:.3f}"
                        for m, r in models.items() if "f1" in r.get("finetune", {}).get(t, {}))
@@ -1513,26 +1204,370 @@ def report(results):
           f"targets in student training (no target: they add 0 to the loss, as all-zero codes do in the original)")
     times = results["seconds"]
     evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
-    print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation; "
-          + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    curves = results["curves"]
-    unigram = models["unigram"]["dev_loss"]
-    chart({k: v for k, v in curves.items() if k != "MLSM student"}, "dev_loss",
-          f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram {unigram:.3f})")
-    chart({k: v for k, v in curves.items() if k != "MLSM student"}, "BLiMP",
-          f"learning curves: BLiMP, first {results['config']['curve_pairs']} pairs per paradigm")
-    chart({"MLSM student": curves["MLSM student"]}, "dev_kl", "learning curve: student's dev KL to the teacher's concepts")
+    print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation "
+          f"({results['world_size']} process(es)); " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    curves = {k: v for k, v in results["curves"].items() if k != "MLSM student"}
+    chart(curves, "dev_loss", f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram "
+                              f"{models['unigram']['dev_loss']:.3f})")
+    chart(curves, "BLiMP", f"learning curves: BLiMP, first {c['curve_pairs']} pairs per paradigm")
+    chart({"MLSM student": results["curves"]["MLSM student"]}, "dev_kl",
+          "learning curve: student's dev KL to the teacher's concepts")
     print("=" * 100)
 
 
 # ---------------------------------------------------------------------------------------------
-# main(): chain the stages
+# The pipeline: run() chains the stages
 # ---------------------------------------------------------------------------------------------
 
 
+def make_rows(cfg, out):
+    """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
+    times = load(out / "times.json") if (out / "times.json").exists() else {}
+    t0 = time.time()
+    texts = None if (out / "dev_ids.npy").exists() else read_corpus(cfg)  # (train texts, dev texts)
+    if not (out / "tokenizer.json").exists():
+        Tokenizer.train(texts[0], cfg.vocab_size).save(out / "tokenizer.json")
+        times["tokenizer"] = time.time() - t0
+    t0 = time.time()
+    if texts:
+        train_rows, dev_rows = encode_corpus(cfg, Tokenizer.load(out / "tokenizer.json"), *texts)
+        atomic_write(out / "train_ids.npy", lambda f: np.save(f, train_rows))
+        atomic_write(out / "dev_ids.npy", lambda f: np.save(f, dev_rows))
+        times["encode"] = time.time() - t0
+    save_json(out / "times.json", times)  # stage times survive a restart: stages done before are not re-timed
+
+
+def token_curves(cfg, tok, dev_rows, pair_sets, device):
+    """-> curve(token_logits): the learning-curve function of a model that predicts tokens, its dev
+    loss at the fixed dev masks and BLiMP on the first curve_pairs pairs of each paradigm."""
+    pairs = {k: v[: cfg.curve_pairs] for k, v in pair_sets.get("BLiMP", {}).items()} if cfg.curve_pairs else {}
+
+    def curve(token_logits):
+        def measure():
+            r = {"dev_loss": eval_mlm(token_logits, dev_rows, cfg, device)["dev_loss"]}
+            if pairs:
+                r["BLiMP"] = minimal_pairs(token_logits, tok, pairs, cfg, device)["macro"]
+            return r
+        return measure
+    return curve
+
+
+def run(cfg):
+    device = join_processes(cfg)  # under torchrun: this process's device, in the process group
+    rank, world = shard()
+    out = Path(cfg.out)
+    if rank == 0:  # work that is not data-parallel is done once; the other processes load what it wrote
+        fetch_missing(cfg)
+        find_corpus(cfg.data)  # a missing --data stops the run before anything is written
+        prepare_out(cfg)
+        make_rows(cfg, out)
+    barrier()
+    tok, train_rows, dev_rows = Tokenizer.load(out / "tokenizer.json"), load(out / "train_ids.npy"), load(out / "dev_ids.npy")
+    V = tok.vocab_size
+    print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; vocabulary {V}")
+    if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
+        raise UserError(f"the corpus is too small: {len(train_rows)} train and {len(dev_rows)} dev rows of "
+                        f"{cfg.seq_len} tokens for batches of {cfg.batch_size}; give more text or lower "
+                        f"--seq_len / --batch_size")
+    pair_sets, tasks = read_evaluation_data(cfg) if rank == 0 else ({}, {})  # a bad file stops the run now
+    curve = token_curves(cfg, tok, dev_rows, pair_sets, device) if rank == 0 else None
+    warn_if_slow(cfg, sum(p.numel() for p in build_encoder(cfg, V).parameters()), device)
+
+    # 3-6: teacher, concepts, student, head, and the MLM baseline (salt 2: the student's batches and masks)
+    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, curve)
+    coder, mean, dict_info = learn_concepts(cfg, freeze(teacher), train_rows, dev_rows, out, device)
+    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out, device)
+    head, head_info = train_head(cfg, student, train_rows, V, out, device, curve)
+    if cfg.baseline:
+        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device, curve)
+        freeze(baseline)
+    if rank > 0:
+        return None
+
+    # 7: evaluation
+    t0 = time.time()
+    concepts = read_concepts(teacher, coder, mean, tok, dev_rows, cfg, device)
+    save_json(out / "concepts.json", concepts)
+    print("most used concepts, with the tokens that weigh most on them:")
+    for c in concepts[:8]:
+        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): "
+              + " | ".join(e["context"] for e in c["examples"][:3]))
+    models = {"unigram": {"seconds": None}, "teacher (MLM)": {"seconds": teacher_info["seconds"]}}
+    scorers = {"unigram": unigram_scorer(train_rows, V, device), "teacher (MLM)": mlm_scorer(teacher)}
+    if cfg.baseline:
+        models["MLM baseline"] = {"seconds": baseline_info["seconds"]}
+        scorers["MLM baseline"] = mlm_scorer(baseline)
+    models["MLSM student"] = {"seconds": student_info["seconds"]}
+    if cfg.mlm_weight:  # the student alone predicts concepts, not tokens -- unless trained with the joint loss
+        scorers["MLSM student"] = mlm_scorer(student)
+    models["MLSM student + head"] = {"seconds": student_info["seconds"] + head_info["seconds"]}
+    scorers["MLSM student + head"] = head_scorer(student, head)
+    for name, token_logits in scorers.items():
+        models[name].update(eval_mlm(token_logits, dev_rows, cfg, device))
+        for set_name, pairs in pair_sets.items():
+            models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
+    times = {**load(out / "times.json"), "teacher": teacher_info["seconds"], "concepts": dict_info["seconds"],
+             "student": student_info["seconds"], "head": head_info["seconds"]}
+    times.update({"baseline": baseline_info["seconds"]} if cfg.baseline else {}, evaluation=time.time() - t0)
+    if tasks:  # fine-tuning replaces the heads, so MLSM student and MLSM student + head are one model here
+        t0 = time.time()
+        states = {"MLM baseline": baseline.state_dict()} if cfg.baseline else {}
+        states["MLSM student"] = student.state_dict()
+        for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
+            for name, r in per_model.items():
+                models[name].setdefault("finetune", {})[task] = r
+        for name in states:  # the macro average over tasks of the mean accuracy over seeds
+            models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
+        times["finetune"] = time.time() - t0
+
+    st, student_tokens = student_info["totals"], cfg.student_steps * cfg.batch_size * cfg.seq_len
+    results = {"models": models, "dictionary": dict_info,
+               "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
+               "student_unsolved_codes": st.get("unsolved_codes", 0),
+               "tokens_seen": {"MLSM student": st.get("masked", 0),
+                               "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
+               "majority_class": {t: float(np.bincount([y for *_, y in v]).max() / len(v)) for t, (_, v) in tasks.items()},
+               "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
+               "curves": {"teacher": teacher_info.get("curve"), "MLM baseline": cfg.baseline and baseline_info.get("curve"),
+                          "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
+                          "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
+                                                  for p in head_info.get("curve") or []]},
+               "seconds": times, "world_size": world, "config": dataclasses.asdict(cfg)}
+    save_json(out / "results.json", results)
+    report(results)
+    return results
+
+
+# =============================================================================================
+# Infrastructure, after the pipeline: files, downloads, command line, devices and processes,
+# the benchmark. Nothing here is needed to follow the method.
+# =============================================================================================
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line, without a traceback."""
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place.
+
+    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
+    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def load(path):
+    """An artifact, read by its suffix; a damaged file becomes a UserError that says what to do."""
+    readers = {".pt": lambda p: torch.load(p, map_location="cpu", weights_only=True),
+               ".json": lambda p: json.loads(Path(p).read_text()), ".npy": np.load, ".npz": lambda p: dict(np.load(p))}
+    try:
+        return readers[Path(path).suffix](path)
+    except Exception as e:  # torch, numpy and json raise many different types for a bad file
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"delete it, or re-run with --fresh") from None
+
+
+def find_corpus(path):
+    """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
+    path = Path(path)
+    if path.is_file():
+        return [path], []
+    if not path.is_dir():
+        raise UserError(f"--data {path} does not exist; give a text file or a folder of *.train / *.txt files")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".train", ".txt", ".dev"))
+    dev = [p for p in files if p.suffix == ".dev" or "dev" in p.relative_to(path).parts[:-1]]
+    train = [p for p in files if p not in dev]
+    if not train:
+        raise UserError(f"--data {path} holds no *.train or *.txt files")
+    return train, dev
+
+
+def read_text(path):
+    """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
+    invalid UTF-8 bytes become U+FFFD instead of crashing."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "\n".join(line.rstrip("\n") for line in f if line.strip())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_jsonl(path, parse, what):
+    """Each line of a .jsonl file through parse(dict) -> list; a bad line is a UserError naming it."""
+    items = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        try:
+            items.append(parse(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n} is not {what} ({e})") from None
+    return items
+
+
+def load_pairs(path):
+    """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
+    file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
+    path = Path(path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise UserError(f"no *.jsonl minimal pairs at {path}")
+    pairs = {}
+    for f in files:
+        parse = lambda d: (d.get("UID", f.stem), (str(d["sentence_good"]), str(d["sentence_bad"])))
+        for uid, pair in read_jsonl(f, parse, "a minimal pair with sentence_good and sentence_bad"):
+            pairs.setdefault(uid, []).append(pair)
+    return pairs
+
+
+# BabyLM's (Super)GLUE files: the fields of each format -> the two text segments of an example
+TASK_FORMATS = [
+    (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
+    (("premise", "hypothesis"), lambda d: (d["premise"], d["hypothesis"])),  # MNLI
+    (("question1", "question2"), lambda d: (d["question1"], d["question2"])),  # QQP
+    (("paragraph", "question", "answer"), lambda d: (f"{d['question']} {d['answer']}", d["paragraph"])),  # MultiRC
+    (("question", "passage"), lambda d: (d["question"], d["passage"])),  # BoolQ
+    (("text", "span1_text", "span2_text"),  # WSC: does the pronoun (span 2) refer to span 1?
+     lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
+]
+
+
+def task_example(item):
+    """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
+    for fields, segments in TASK_FORMATS:
+        if all(f in item for f in fields):
+            return (*map(str, segments(item)), int(item["label"]))
+    raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
+
+
+def load_tasks(path):
+    """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
+    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label)."""
+    tasks = {}
+    for train_file in sorted(Path(path).glob("*.train.jsonl")):
+        task = train_file.name.removesuffix(".train.jsonl")
+        valid_file = train_file.with_name(f"{task}.valid.jsonl")
+        if not valid_file.exists():
+            raise UserError(f"{valid_file} is missing: each <task>.train.jsonl needs a <task>.valid.jsonl")
+        what = "an example of a known task format with an integer label"
+        tasks[task] = tuple(read_jsonl(f, task_example, what) for f in (train_file, valid_file))
+    if not tasks:
+        raise UserError(f"no <task>.train.jsonl files in {path}")
+    return tasks
+
+
+def read_evaluation_data(cfg):
+    """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training, so that a bad file
+    stops the run before it has spent any time."""
+    pair_sets = {}
+    if cfg.blimp:
+        pair_sets["BLiMP"] = {k: v[: cfg.blimp_pairs or None] for k, v in load_pairs(cfg.blimp).items()}
+    if cfg.supplement:
+        pair_sets["supplement"] = load_pairs(cfg.supplement)
+    return pair_sets, load_tasks(cfg.finetune) if cfg.finetune else {}
+
+
+# The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation
+# data (on OSF inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set
+# checked by the SHA-256 of its files' `sha256sum` listing.
+CORPUS_URL, CORPUS_MD5 = "https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c"  # train_10M.zip
+EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
+            "evaluation_data")
+# BLiMP as BabyLM evaluates it ("fast": 200 of the 1,000 pairs of each of the 67 paradigms)
+BLIMP_URL, BLIMP_SHA256 = f"{EVAL_URL}/fast_eval/blimp_fast", "6a4a3fddedf89ffe6b6581fb7357e3c4cd703136a86abde66ee763a0503916fe"
+BLIMP_PARADIGMS = """adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
+animate_subject_trans causative complex_NP_island coordinate_structure_constraint_complex_left_branch
+coordinate_structure_constraint_object_extraction determiner_noun_agreement_1 determiner_noun_agreement_2
+determiner_noun_agreement_irregular_1 determiner_noun_agreement_irregular_2 determiner_noun_agreement_with_adj_2
+determiner_noun_agreement_with_adj_irregular_1 determiner_noun_agreement_with_adj_irregular_2
+determiner_noun_agreement_with_adjective_1 distractor_agreement_relational_noun distractor_agreement_relative_clause
+drop_argument ellipsis_n_bar_1 ellipsis_n_bar_2 existential_there_object_raising existential_there_quantifiers_1
+existential_there_quantifiers_2 existential_there_subject_raising expletive_it_object_raising inchoative intransitive
+irregular_past_participle_adjectives irregular_past_participle_verbs irregular_plural_subject_verb_agreement_1
+irregular_plural_subject_verb_agreement_2 left_branch_island_echo_question left_branch_island_simple_question
+matrix_question_npi_licensor_present npi_present_1 npi_present_2 only_npi_licensor_present only_npi_scope passive_1
+passive_2 principle_A_c_command principle_A_case_1 principle_A_case_2 principle_A_domain_1 principle_A_domain_2
+principle_A_domain_3 principle_A_reconstruction regular_plural_subject_verb_agreement_1
+regular_plural_subject_verb_agreement_2 sentential_negation_npi_licensor_present sentential_negation_npi_scope
+sentential_subject_island superlative_quantifiers_1 superlative_quantifiers_2 tough_vs_raising_1 tough_vs_raising_2
+transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questions_subject_gap_long_distance
+wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
+# BabyLM's filtered MRPC and RTE, train and validation splits
+GLUE_URL, GLUE_SHA256 = f"{EVAL_URL}/full_eval/glue_filtered", "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
+GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
+
+
+def unzip(folder):
+    """The downloaded corpus archive -> its *.train files, directly in `folder`."""
+    archive = next(folder.glob("*.zip"))
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(folder / "unzipped")
+    except zipfile.BadZipFile as e:
+        raise UserError(f"the download is not a valid zip ({e})") from None
+    for p in (folder / "unzipped").rglob("*.train"):
+        p.rename(folder / p.name)
+    archive.unlink()
+    shutil.rmtree(folder / "unzipped")
+    if not any(folder.glob("*.train")):
+        raise UserError("the archive holds no *.train files")
+
+
+def download(dest, files, digest, option, algorithm="sha256"):
+    """Download {name: url} into a temporary folder beside `dest`, check `digest` -- the hash of the
+    one file, or of several the SHA-256 of their `sha256sum` listing, in this order -- let the reader
+    of --option parse them, then rename the folder into place: a failed download leaves nothing."""
+    check = {"data": unzip, "blimp": load_pairs, "finetune": load_tasks}[option]
+    manual = (f"get the files by hand ({', '.join(files)} from {'; '.join(sorted(set(files.values())))}), check them "
+              f"({digest}), put them into {dest}, or pass another folder as --{option}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        folder, listing = Path(tmp) / dest.name, ""
+        folder.mkdir()
+        for name, url in tqdm(files.items(), desc=f"download {dest.name}"):
+            h = hashlib.new(algorithm)
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r, open(folder / name, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        h.update(chunk)
+            except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; a cut-off body, IncompleteRead
+                raise UserError(f"could not download {name} ({e}); {manual}") from None
+            listing += f"{h.hexdigest()}  {name}\n"
+        got = h.hexdigest() if len(files) == 1 else hashlib.sha256(listing.encode()).hexdigest()
+        if got != digest:
+            raise UserError(f"the files are damaged or not the pinned ones ({algorithm} {got}, expected {digest}); "
+                            f"{manual}")
+        try:
+            check(folder)  # a file that does not parse fails here, with its name and line
+        except UserError as e:
+            raise UserError(f"{str(e).replace(str(folder), str(dest))}; {manual}") from None
+        os.replace(folder, dest)
+
+
+def fetch_missing(cfg):
+    """Download the default corpus, BLiMP and GLUE tasks where the options name them and they are missing."""
+    for option, files, digest, algorithm in (
+            ("data", {"train_10M.zip": CORPUS_URL}, CORPUS_MD5, "md5"),
+            ("blimp", {f"{p}.jsonl": f"{BLIMP_URL}/{p}.jsonl" for p in BLIMP_PARADIGMS}, BLIMP_SHA256, "sha256"),
+            ("finetune", {name: f"{GLUE_URL}/{name}" for name in GLUE_FILES}, GLUE_SHA256, "sha256")):
+        path = getattr(cfg, option)
+        if path and path == getattr(Config, option) and not Path(path).exists():
+            download(path, files, digest, option, algorithm)
+
+
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
-             "times.json", "concepts.json", "finetune.json"] + [f"{m}{x}" for m in ("teacher", "student", "head", "baseline")
-                                               for x in (".pt", ".ckpt.pt")]
+             "times.json", "concepts.json", "finetune.json"] + [f"{m}{x}" for m in ("teacher", "student", "head",
+                                                                                       "baseline") for x in (".pt", ".ckpt.pt")]
 
 
 def prepare_out(cfg):
@@ -1545,14 +1580,58 @@ def prepare_out(cfg):
     want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
     want["data"] = str(Path(cfg.data).resolve())
     if (out / "config.json").exists():
-        have = load_json(out / "config.json")
+        have = load(out / "config.json")
         diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         if diff:
             raise UserError(f"{out} holds a run with a different config ({', '.join(diff)}); "
                             f"use another --out, or --fresh to delete that run")
     else:
         save_json(out / "config.json", want)
-    return out
+
+
+# Limits of the options: (fields, test, what the test asks for)
+LIMITS = [
+    ("teacher_steps student_steps head_steps dict_epochs finetune_steps train_words blimp_pairs curve_pairs "
+     "mlm_weight weight_decay", lambda v: v >= 0, "must not be negative"),
+    ("seq_len d_model n_layers n_heads batch_size n_concepts dict_tokens coder_rounds eval_rows log_every ckpt_every "
+     "finetune_seeds curve_points", lambda v: v >= 1, "must be at least 1"),
+    ("lr head_lr lam finetune_lr clip", lambda v: v > 0, "must be positive"),
+    ("mask_rate beta2", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("dropout dev_fraction warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+]
+
+
+def parse_config(argv=None):
+    """Command line -> Config: preset values first, then the flags given explicitly."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        # every default in the help, with the presets' own values; SUPPRESS keeps flags not given
+        # out of the parsed namespace, so the preset's value is used for them
+        presets = "".join(f"; {p}: {v[f.name]!r}" for p, v in PRESETS.items() if f.name in v)
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r}{presets})".replace("%", "%%"),
+                  default=argparse.SUPPRESS)
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, **kw)
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.out = cfg.out or f"runs/{preset}"
+    problems = [f"--{name} {what}, got {getattr(cfg, name)}" for names, ok, what in LIMITS
+                for name in names.split() if not ok(getattr(cfg, name))]
+    if cfg.vocab_size < N_SPECIAL + 256:
+        problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
+    if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
+        problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
+    if cfg.seq_len < 3 or cfg.d_model % max(cfg.n_heads, 1) or cfg.pll not in ("word_l2r", "original"):
+        problems.append(f"--seq_len must be at least 3, --d_model ({cfg.d_model}) divisible by --n_heads "
+                        f"({cfg.n_heads}), --pll word_l2r or original")
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg
 
 
 def pick_device(name):
@@ -1567,9 +1646,34 @@ def pick_device(name):
     return device
 
 
+def join_processes(cfg):
+    """-> this process's device. Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK and the
+    rendezvous) it also joins the process group: NCCL between GPUs, gloo between CPU processes.
+    Only rank 0 prints; the others keep stderr, so that a failing rank says why."""
+    device = pick_device(cfg.device)
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # rank 0 may work alone for a long time (dictionary, evaluation) while the others wait
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    if cfg.batch_size % dist.get_world_size():
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {dist.get_world_size()} processes")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def barrier():
+    """Wait for every process (under torchrun; nothing otherwise)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def warn_if_slow(cfg, n_params, device):
     """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
-    if device.type != "cpu" or cfg.preset != "laptop":
+    if device.type != "cpu" or cfg.preset != "laptop" or shard()[0] > 0:
         return
     a = torch.randn(1024, 1024)
     t0 = time.time()
@@ -1584,133 +1688,6 @@ def warn_if_slow(cfg, n_params, device):
           file=sys.stderr)
 
 
-def run(cfg):
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    if not Path(cfg.data).exists() and cfg.data == Config.data:
-        download_corpus(Path(cfg.data))
-    find_corpus(cfg.data)  # a missing --data stops the run before anything is written
-    out = prepare_out(cfg)
-    times = load_json(out / "times.json") if (out / "times.json").exists() else {}
-
-    def record(stage, t0):  # stage times survive a restart: stages done before are not re-timed
-        times[stage] = time.time() - t0
-        save_json(out / "times.json", times)
-
-    # 1-2. tokenizer and token rows
-    t0 = time.time()
-    texts = None if (out / "dev_ids.npy").exists() else read_corpus(cfg)  # (train texts, dev texts)
-    if (out / "tokenizer.json").exists():
-        tok = Tokenizer.load(out / "tokenizer.json")
-    else:
-        tok = Tokenizer.train(texts[0], cfg.vocab_size)
-        tok.save(out / "tokenizer.json")
-        record("tokenizer", t0)
-    t0 = time.time()
-    if texts:
-        train_rows, dev_rows = encode_corpus(cfg, tok, *texts)
-        atomic_write(out / "train_ids.npy", lambda f: np.save(f, train_rows))
-        atomic_write(out / "dev_ids.npy", lambda f: np.save(f, dev_rows))
-        record("encode", t0)
-    train_rows, dev_rows = (load(out / f"{s}_ids.npy", np.load) for s in ("train", "dev"))
-    print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; "
-          f"vocabulary {tok.vocab_size}")
-    if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
-        raise UserError(f"the corpus is too small: {len(train_rows)} train and {len(dev_rows)} dev rows of "
-                        f"{cfg.seq_len} tokens for batches of {cfg.batch_size}; give more text or lower "
-                        f"--seq_len / --batch_size")
-    V = tok.vocab_size
-
-    pair_sets = {}  # read now, so that a bad file stops the run before training, not after
-    if cfg.blimp:
-        if not Path(cfg.blimp).exists() and cfg.blimp == Config.blimp:
-            download_blimp(cfg.blimp)
-        pair_sets["BLiMP"] = {k: v[: cfg.blimp_pairs or None] for k, v in load_pairs(cfg.blimp).items()}
-    if cfg.supplement:
-        pair_sets["supplement"] = load_pairs(cfg.supplement)
-    tasks = {}
-    if cfg.finetune:
-        if not Path(cfg.finetune).exists() and cfg.finetune == Config.finetune:
-            download_glue(cfg.finetune)
-        tasks = load_tasks(cfg.finetune)
-
-    # learning curves: dev loss at the fixed dev masks (and a few BLiMP pairs per paradigm)
-    curve_pairs = {k: v[: cfg.curve_pairs] for k, v in pair_sets.get("BLiMP", {}).items()} if cfg.curve_pairs else {}
-
-    def token_curve(token_logits):
-        def curve():
-            r = {"dev_loss": eval_mlm(token_logits, dev_rows, cfg, device)["dev_loss"]}
-            if curve_pairs:
-                r["BLiMP"] = minimal_pairs(token_logits, tok, curve_pairs, cfg, device)["macro"]
-            return r
-        return curve
-
-    # 3-6. teacher, concepts, student, head, and the MLM baseline
-    warn_if_slow(cfg, count_params(build_encoder(cfg, V)), device)
-    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, token_curve)
-    freeze(teacher)
-    coder, mean, dict_info = learn_concepts(cfg, teacher, train_rows, dev_rows, out, device)
-    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out, device)
-    head, head_info = train_head(cfg, student, train_rows, V, out, device, token_curve)
-    times.update(teacher=teacher_info["seconds"], concepts=dict_info["seconds"], student=student_info["seconds"],
-                 head=head_info["seconds"])
-    # name -> (token_logits(ids, keep, pos) -> (M, V), training seconds)
-    scorers = {"teacher (MLM)": (mlm_scorer(teacher), teacher_info["seconds"])}
-    if cfg.baseline:  # salt 2: exactly the MLSM student's batches and masks
-        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device,
-                                            token_curve)
-        freeze(baseline)
-        scorers["MLM baseline"] = (mlm_scorer(baseline), baseline_info["seconds"])
-        times["baseline"] = baseline_info["seconds"]
-    # the student alone predicts concepts, not tokens -- unless trained with the joint loss
-    scorers["MLSM student"] = (mlm_scorer(student) if cfg.mlm_weight else None, student_info["seconds"])
-    scorers["MLSM student + head"] = (head_scorer(student, head), student_info["seconds"] + head_info["seconds"])
-
-    # 7. evaluation and report
-    t0 = time.time()
-    concepts = read_concepts(teacher, coder, mean, tok, dev_rows, cfg, device)
-    save_json(out / "concepts.json", concepts)
-    print("most used concepts, with the tokens that weigh most on them:")
-    for c in concepts[:8]:
-        examples = " | ".join(e["context"] for e in c["examples"][:3])
-        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): {examples}")
-    models = {}
-    for name, (token_logits, seconds) in {"unigram": (unigram_scorer(train_rows, V, device), None), **scorers}.items():
-        models[name] = {"seconds": seconds}
-        if token_logits is not None:
-            models[name].update(eval_mlm(token_logits, dev_rows, cfg, device))
-            for set_name, pairs in pair_sets.items():
-                models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
-    record("evaluation", t0)
-    if tasks:  # fine-tuning replaces the heads, so MLSM student and MLSM student + head are one model here
-        t0 = time.time()
-        states = {"MLM baseline": baseline.state_dict()} if cfg.baseline else {}
-        states["MLSM student"] = student.state_dict()
-        for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
-            for name, r in per_model.items():
-                models[name].setdefault("finetune", {})[task] = r
-        for name in states:  # the macro average over tasks of the mean accuracy over seeds
-            models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
-        record("finetune", t0)
-    st = student_info["totals"]
-    student_tokens = cfg.student_steps * cfg.batch_size * cfg.seq_len
-    results = {"models": models, "dictionary": dict_info,
-               "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
-               "student_unsolved_codes": st.get("unsolved_codes", 0),
-               "tokens_seen": {"MLSM student": st.get("masked", 0),
-                               "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
-               "majority_class": {t: majority_share(valid) for t, (_, valid) in tasks.items()},
-               "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
-               "curves": {"teacher": teacher_info.get("curve"), "MLM baseline": cfg.baseline and baseline_info.get("curve"),
-                          "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
-                          "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
-                                                  for p in head_info.get("curve") or []]},
-               "seconds": times, "config": dataclasses.asdict(cfg)}
-    save_json(out / "results.json", results)
-    report(results)
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json
 # ---------------------------------------------------------------------------------------------
@@ -1718,14 +1695,13 @@ def run(cfg):
 
 def wall(fn, device, repeat=1):
     """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / repeat
 
 
@@ -1746,7 +1722,8 @@ def step_flops(model, cfg, masked):
 
 
 def bench(cfg):
-    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset."""
+    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset. With the
+    teacher and dictionary of a finished run in --out, the coder's problems are the real ones."""
     import resource
     from sklearn.decomposition import sparse_encode
 
@@ -1759,48 +1736,43 @@ def bench(cfg):
     for n in (1024, 2048, 4096):
         a = torch.randn(n, n, device=device)
         r["matmul_GFLOPs"] = max(r["matmul_GFLOPs"], 2 * n ** 3 / wall(lambda: a @ a, device, 3) / 1e9)
-    trained_run = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
-    if trained_run:  # real rows, a trained teacher and its dictionary make the coder's problems real
+    real = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
+    if real:
         tok = Tokenizer.load(out / "tokenizer.json")
-        rows, dev_rows, V = load(out / "train_ids.npy", np.load), load(out / "dev_ids.npy", np.load), tok.vocab_size
+        rows, dev_rows, V = load(out / "train_ids.npy"), load(out / "dev_ids.npy"), tok.vocab_size
     else:
         V = cfg.vocab_size
         rows = np.random.default_rng(0).integers(N_SPECIAL, V, (4096, cfg.seq_len))
         rows[:, 0], rows[:, -1], dev_rows = CLS, SEP, rows[:512]
-    r["states"] = f"trained teacher of {out}" if trained_run else "untrained teacher, random tokens"
+    r["states"] = f"trained teacher of {out}" if real else "untrained teacher, random tokens"
     steps, tokens = 10, cfg.batch_size * cfg.seq_len
 
-    # training steps: the teacher's MLM step, and the student's MLSM step with its targets
     teacher = build_encoder(cfg, V).to(device)
-    info, sec = None, 0.0
     for n in (2, steps):  # the first call warms up
-        info, sec, _ = train("bench_teacher", teacher, mlm_step(teacher, rows, cfg, 1, device), n, cfg.lr, cfg, work,
-                          device)
+        info, sec, _ = train_loop("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device), n, cfg.lr,
+                                  cfg, work, device)
     r["teacher_tokens_per_s"] = steps * tokens / sec
-    masked = info["masked"] / steps
-    r["teacher_MFU"] = step_flops(teacher, cfg, masked) * steps / sec / (r["matmul_GFLOPs"] * 1e9)
-    if trained_run:
+    r["teacher_MFU"] = step_flops(teacher, cfg, info["masked"] / steps) * steps / sec / (r["matmul_GFLOPs"] * 1e9)
+    if real:
         try:
-            teacher.load_state_dict(load_torch(out / "teacher.pt")["model"])
+            teacher.load_state_dict(load(out / "teacher.pt")["model"])
         except RuntimeError:  # parameter shapes differ
             raise UserError(f"{out} holds a run of other sizes; pass the options it was made with, or "
                             f"another --out") from None
     freeze(teacher)
-    H, _ = teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)
-    H = torch.from_numpy(H)
+    H = torch.from_numpy(teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0])
     mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])
     t0 = time.perf_counter()
     D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
-    r["dictionary_fit_s"] = time.perf_counter() - t0
-    r["dictionary_states"] = len(H)
-    if trained_run:
-        z = load(out / "dictionary.npz", lambda p: dict(np.load(p)))
+    r["dictionary_fit_s"], r["dictionary_states"] = time.perf_counter() - t0, len(H)
+    if real:
+        z = load(out / "dictionary.npz")
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
     coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
     for n in (2, steps):
-        _, sec, _ = train("bench_student", student, mlsm_step(student, teacher, coder, mean, rows, cfg, device), n,
-                       cfg.lr, cfg, work, device)
+        _, sec, _ = train_loop("bench_student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device),
+                               n, cfg.lr, cfg, work, device)
     ids, _, pos = get_batch(rows, cfg, 2, 0, device)
     target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
     student_s = sec / steps - target_s
@@ -1810,13 +1782,13 @@ def bench(cfg):
     r["coder_share_of_targets"] = 1 - wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3) / target_s
 
     # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
-    Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-    X = normalise_states(torch.from_numpy(Hd).to(device), mean)
-    ours_s = wall(lambda: coder.encode(X), device, 3)
+    X = normalise_states(torch.from_numpy(teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0])
+                         .to(device), mean)
+    r["coder_s"] = wall(lambda: coder.encode(X), device, 3)
     t0 = time.perf_counter()
     ref = sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(), algorithm="lasso_cd", alpha=cfg.lam, positive=True)
-    r["sparse_encode_s"], r["coder_s"] = time.perf_counter() - t0, ours_s
-    r["coder_speedup"] = r["sparse_encode_s"] / ours_s
+    r["sparse_encode_s"] = time.perf_counter() - t0
+    r["coder_speedup"] = r["sparse_encode_s"] / r["coder_s"]
     A, solved = coder.encode(X)
     r["coder_unsolved"] = int((~solved).sum())
     f_ours = coder.objective(X, A).cpu().double()
@@ -1824,21 +1796,18 @@ def bench(cfg):
     r["coder_gap_mean"] = float(((f_ours - f_ref) / f_ref).mean())
     r["coder_gap_max"] = float(((f_ours - f_ref) / f_ref).max())
 
-    # tokenizer, and minimal pairs scored per second
-    if Path(cfg.data).exists():
+    if Path(cfg.data).exists():  # the tokenizer
         texts = read_corpus(cfg)[0]
         t0 = time.perf_counter()
         bpe = Tokenizer.train(texts, cfg.vocab_size)
         r["bpe_train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         r["tokens"] = sum(len(bpe.encode(t)) for t in texts)
-        r["bpe_encode_s"] = time.perf_counter() - t0
-        r["words"] = sum(len(t.split()) for t in texts)
-    if cfg.blimp and Path(cfg.blimp).exists() and trained_run:
+        r["bpe_encode_s"], r["words"] = time.perf_counter() - t0, sum(len(t.split()) for t in texts)
+    if cfg.blimp and Path(cfg.blimp).exists() and real:  # minimal pairs scored per second
         pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
-        n = sum(len(v) for v in pairs.values())
-        fn = lambda ids, keep, pos: teacher.mlm_logits(teacher(ids, keep, pos=pos))
-        r["blimp_pairs_per_s"] = n / wall(lambda: minimal_pairs(fn, tok, pairs, cfg, device), device)
+        seconds = wall(lambda: minimal_pairs(mlm_scorer(teacher), tok, pairs, cfg, device), device)
+        r["blimp_pairs_per_s"] = sum(len(v) for v in pairs.values()) / seconds
     r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         r["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -1859,6 +1828,9 @@ def main(argv=None):
         print("\ninterrupted: finished stages and the last checkpoint are saved; run the same command "
               "to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
