@@ -1170,7 +1170,8 @@ def report(results):
     for s in ("BLiMP", "supplement"):
         columns[f"{s} (ties)"] = lambda r, s=s: f"{r[s]['macro']:.3f} ({r[s]['ties']})"
     for t in tasks:
-        columns[f"{t} acc"] = lambda r, t=t: f"{r['finetune'][t]['acc']['mean']:.3f}±{r['finetune'][t]['acc']['std']:.3f}"
+        acc = lambda r, t: r["finetune"][t]["acc"]
+        columns[f"{t} acc"] = lambda r, t=t: f"{acc(r, t)['mean']:.3f}±{acc(r, t)['std']:.3f}"
     if len(tasks) > 1:
         columns["tasks macro"] = lambda r: f"{r['finetune_macro']:.3f}"
     columns["train time"] = lambda r: f"{r['seconds'] / 60:.1f} min"
@@ -1262,7 +1263,8 @@ def run(cfg):
         prepare_out(cfg)
         make_rows(cfg, out)
     barrier()
-    tok, train_rows, dev_rows = Tokenizer.load(out / "tokenizer.json"), load(out / "train_ids.npy"), load(out / "dev_ids.npy")
+    tok = Tokenizer.load(out / "tokenizer.json")
+    train_rows, dev_rows = load(out / "train_ids.npy"), load(out / "dev_ids.npy")
     V = tok.vocab_size
     print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; vocabulary {V}")
     if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
@@ -1317,7 +1319,8 @@ def run(cfg):
             for name, r in per_model.items():
                 models[name].setdefault("finetune", {})[task] = r
         for name in states:  # the macro average over tasks of the mean accuracy over seeds
-            models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
+            accs = [r["acc"]["mean"] for r in models[name]["finetune"].values()]
+            models[name]["finetune_macro"] = float(np.mean(accs))
         times["finetune"] = time.time() - t0
 
     st, student_tokens = student_info["totals"], cfg.student_steps * cfg.batch_size * cfg.seq_len
@@ -1326,9 +1329,11 @@ def run(cfg):
                "student_unsolved_codes": st.get("unsolved_codes", 0),
                "tokens_seen": {"MLSM student": st.get("masked", 0),
                                "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
-               "majority_class": {t: float(np.bincount([y for *_, y in v]).max() / len(v)) for t, (_, v) in tasks.items()},
+               "majority_class": {t: float(np.bincount([y for *_, y in valid]).max() / len(valid))
+                                  for t, (_, valid) in tasks.items()},
                "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
-               "curves": {"teacher": teacher_info.get("curve"), "MLM baseline": cfg.baseline and baseline_info.get("curve"),
+               "curves": {"teacher": teacher_info.get("curve"),
+                          "MLM baseline": cfg.baseline and baseline_info.get("curve"),
                           "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
                           "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
                                                   for p in head_info.get("curve") or []]},
@@ -1482,7 +1487,8 @@ CORPUS_URL, CORPUS_MD5 = "https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb
 EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
             "evaluation_data")
 # BLiMP as BabyLM evaluates it ("fast": 200 of the 1,000 pairs of each of the 67 paradigms)
-BLIMP_URL, BLIMP_SHA256 = f"{EVAL_URL}/fast_eval/blimp_fast", "6a4a3fddedf89ffe6b6581fb7357e3c4cd703136a86abde66ee763a0503916fe"
+BLIMP_URL = f"{EVAL_URL}/fast_eval/blimp_fast"
+BLIMP_SHA256 = "6a4a3fddedf89ffe6b6581fb7357e3c4cd703136a86abde66ee763a0503916fe"
 BLIMP_PARADIGMS = """adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive
 animate_subject_trans causative complex_NP_island coordinate_structure_constraint_complex_left_branch
 coordinate_structure_constraint_object_extraction determiner_noun_agreement_1 determiner_noun_agreement_2
@@ -1501,7 +1507,8 @@ sentential_subject_island superlative_quantifiers_1 superlative_quantifiers_2 to
 transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questions_subject_gap_long_distance
 wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
 # BabyLM's filtered MRPC and RTE, train and validation splits
-GLUE_URL, GLUE_SHA256 = f"{EVAL_URL}/full_eval/glue_filtered", "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
+GLUE_URL = f"{EVAL_URL}/full_eval/glue_filtered"
+GLUE_SHA256 = "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
 GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
 
 
@@ -1526,8 +1533,10 @@ def download(dest, files, digest, option, algorithm="sha256"):
     one file, or of several the SHA-256 of their `sha256sum` listing, in this order -- let the reader
     of --option parse them, then rename the folder into place: a failed download leaves nothing."""
     check = {"data": unzip, "blimp": load_pairs, "finetune": load_tasks}[option]
-    manual = (f"get the files by hand ({', '.join(files)} from {'; '.join(sorted(set(files.values())))}), check them "
-              f"({digest}), put them into {dest}, or pass another folder as --{option}")
+    listing = "" if len(files) == 1 else "the sha256 of their sha256sum listing: "
+    manual = (f"get {', '.join(files)} by hand from {'; '.join(sorted(set(files.values())))}, check them ({listing}"
+              f"{algorithm} {digest}), put {'the unzipped *.train files' if option == 'data' else 'them'} into {dest}, "
+              f"or pass another folder as --{option}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -1566,8 +1575,8 @@ def fetch_missing(cfg):
 
 
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
-             "times.json", "concepts.json", "finetune.json"] + [f"{m}{x}" for m in ("teacher", "student", "head",
-                                                                                       "baseline") for x in (".pt", ".ckpt.pt")]
+             "times.json", "concepts.json", "finetune.json"]
+ARTIFACTS += [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
 
 
 def prepare_out(cfg):
@@ -1771,8 +1780,8 @@ def bench(cfg):
     coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
     for n in (2, steps):
-        _, sec, _ = train_loop("bench_student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device),
-                               n, cfg.lr, cfg, work, device)
+        loss_fn = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
+        _, sec, _ = train_loop("bench_student", student, loss_fn, n, cfg.lr, cfg, work, device)
     ids, _, pos = get_batch(rows, cfg, 2, 0, device)
     target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
     student_s = sec / steps - target_s
