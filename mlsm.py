@@ -63,14 +63,9 @@ from tqdm import tqdm
 #   per row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n rows still
 #   being worked on, s slots (atoms a sparse code may use).
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: one dataclass; the command line is generated from its fields (see parse_config)
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Configuration: one dataclass; the command line is generated from its fields (see parse_config) ---
 def opt(default, help):
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
@@ -133,7 +128,6 @@ class Config:
     log_every: int = opt(50, "steps between loss readouts (a readout waits for the device)")
     ckpt_every: int = opt(500, "steps between resumable checkpoints")
 
-
 # Presets only change sizes; every field can still be set on the command line.
 PRESETS = {
     "laptop": {},
@@ -154,10 +148,7 @@ PRESETS = {
 RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "log_every", "ckpt_every", "blimp", "supplement",
             "finetune", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
-# ---------------------------------------------------------------------------------------------
-# Stage 1: byte-level BPE tokenizer
-# ---------------------------------------------------------------------------------------------
-
+# --- Stage 1: byte-level BPE tokenizer ------------------------------------------------------------
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, CLS, SEP, MASK = range(4)
 N_SPECIAL = len(SPECIALS)  # byte b has id N_SPECIAL + b; merged tokens follow from N_SPECIAL + 256
@@ -166,7 +157,6 @@ N_SPECIAL = len(SPECIALS)  # byte b has id N_SPECIAL + b; merged tokens follow f
 # punctuation, whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives
 # cover every character, so concatenating the pre-tokens gives back the text exactly.
 PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
-
 
 def merge_pair(ids, pair, new_id):
     """Replace every non-overlapping occurrence of `pair`, left to right, by `new_id`."""
@@ -180,7 +170,6 @@ def merge_pair(ids, pair, new_id):
             i += 1
     return out
 
-
 class Tokenizer:
     def __init__(self, merges):
         self.merges = [tuple(p) for p in merges]
@@ -188,11 +177,7 @@ class Tokenizer:
         self.bytes = [s.encode() for s in SPECIALS] + [bytes([b]) for b in range(256)]
         for a, b in self.merges:
             self.bytes.append(self.bytes[a] + self.bytes[b])
-        self.cache = {}
-
-    @property
-    def vocab_size(self):
-        return len(self.bytes)
+        self.vocab_size, self.cache = len(self.bytes), {}  # cache: pre-token -> ids
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -273,12 +258,7 @@ class Tokenizer:
     def load(cls, path):
         return cls(load(path)["merges"])
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 2: token ids packed into fixed-length rows, and masking
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 2: token ids packed into fixed-length rows, and masking --------------------------------
 def read_corpus(cfg):
     """--data -> (train texts, dev texts), one per file. With --train_words, each train text is cut
     to the same share of its length, at a space, so that together they hold about that many words."""
@@ -290,7 +270,6 @@ def read_corpus(cfg):
         train = [t[:c] if c >= 0 else t for t, c in zip(train, cuts)]
     return train, [read_text(p) for p in dev_files]
 
-
 def pack(ids, seq_len):
     """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
     a row is dropped."""
@@ -300,7 +279,6 @@ def pack(ids, seq_len):
     cls = np.full((n, 1), CLS, rows.dtype)
     sep = np.full((n, 1), SEP, rows.dtype)
     return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
-
 
 def encode_corpus(cfg, tok, train_texts, dev_texts):
     """Texts -> (train rows, dev rows). Without dev texts, the last dev_fraction of each train
@@ -321,7 +299,6 @@ def encode_corpus(cfg, tok, train_texts, dev_texts):
     return (pack(np.concatenate(train or [empty]), cfg.seq_len),
             pack(np.concatenate(dev or [empty]), cfg.seq_len))
 
-
 def mask_tokens(ids, rate, gen):
     """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = round(rate * (T-2))
     positions per row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked), every one
@@ -335,23 +312,19 @@ def mask_tokens(ids, rate, gen):
     pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1  # (B, m)
     return ids.scatter(1, pos, MASK), pos
 
-
 def at(x, pos):
     """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
     return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
-
 
 def step_seed(cfg, salt, step):
     """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
     resumed run draws exactly what the uninterrupted one would have."""
     return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
 
-
 def to_device(t, device):
     """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
     one from ordinary (pageable) memory would first wait for the device to finish its work."""
     return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-
 
 def get_batch(rows, cfg, salt, step, device):
     """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
@@ -366,9 +339,7 @@ def get_batch(rows, cfg, salt, step, device):
     share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
     return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
 
-
 EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
-
 
 def dev_batches(rows, cfg, device):
     """The first eval_rows dev rows in batches, each with its fixed masks: the same for every model,
@@ -381,12 +352,7 @@ def dev_batches(rows, cfg, device):
         batches.append((ids, *mask_tokens(ids, EVAL_MASK_RATE, gen)))
     return batches
 
-
-# ---------------------------------------------------------------------------------------------
-# Model: a pre-LayerNorm bidirectional transformer encoder (BERT-style)
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ------------------------
 class SelfAttention(nn.Module):
     def __init__(self, C, H, dropout):
         super().__init__()
@@ -406,7 +372,6 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y if pos is None else at(y, pos))
 
-
 class Block(nn.Module):
     def __init__(self, C, H, dropout):
         super().__init__()
@@ -419,7 +384,6 @@ class Block(nn.Module):
         input is normalised, the residual stream is not."""
         x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)
         return x + self.mlp(self.ln2(x))
-
 
 class Encoder(nn.Module):
     """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads: a token head
@@ -474,22 +438,15 @@ class Encoder(nn.Module):
         """h (M, C) -> concept logits (M, K)."""
         return self.concept_head(h)
 
-
 def build_encoder(cfg, vocab_size, n_concepts=0):
     torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
     return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
 
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Losses ---------------------------------------------------------------------------------------
 def mlm_loss(logits, targets):
     """Masked-LM cross-entropy over the M masked positions only:
     L_MLM = -1/M sum_m log softmax(logits_m)[target_m]."""
     return F.cross_entropy(logits.float(), targets)
-
 
 def concept_kl(logits, target):
     """MLSM loss, the KL divergence from the teacher's concept distribution p to the student's q:
@@ -500,17 +457,12 @@ def concept_kl(logits, target):
     kl = (torch.xlogy(target, target) - target * logq).sum(-1)  # (M,); xlogy makes 0 log 0 = 0
     return kl.mean()
 
-
-# ---------------------------------------------------------------------------------------------
-# One training loop for teacher, student and head: AdamW, warmup + linear decay, clipping,
-# bf16 autocast on CUDA, data parallel under torchrun, atomic checkpoints, exact resume
-# ---------------------------------------------------------------------------------------------
-
-
+# --- One training loop for teacher, student and head ---------------------------------------------
+# AdamW, warmup + linear decay, clipping, bf16 autocast on CUDA, data parallel under torchrun, atomic
+# checkpoints, exact resume.
 def shard():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
     """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(net, step), where
@@ -590,7 +542,6 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     model.eval()
     return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0, points
 
-
 def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
     path = Path(out) / f"{name}.pt"
@@ -606,12 +557,7 @@ def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None)
         (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     return model, info
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 3: the teacher, trained with masked LM
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 3: the teacher, trained with masked LM -------------------------------------------------
 def make_mlm_loss(model, rows, cfg, salt, device):
     """loss_fn(net, step) for plain MLM: the model sees the masked input and predicts the original tokens."""
     def loss_fn(net, step):
@@ -620,11 +566,9 @@ def make_mlm_loss(model, rows, cfg, salt, device):
         return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": torch.tensor(pos.numel())}
     return loss_fn
 
-
 def mlm_scorer(model):
     """An MLM encoder as token_logits(ids (B, T), keep (B, T) or None, pos (B, m)) -> (B m, V)."""
     return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
-
 
 def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, curve=None):
     """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks).
@@ -634,12 +578,7 @@ def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, curve=None)
     return train_or_load(name, model, make_mlm_loss(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out,
                          device, curve and curve(mlm_scorer(model)))
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 4: latent concepts -- a sparse dictionary over teacher states, and a torch sparse coder
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 4: latent concepts -- a sparse dictionary over teacher states, and a torch sparse coder ---
 @torch.no_grad()
 def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
     """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows,
@@ -655,7 +594,6 @@ def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
         tokens.append(ids[:, 1:-1].reshape(-1).cpu())
     return torch.cat(states)[:n_tokens].numpy(), torch.cat(tokens)[:n_tokens].numpy()
 
-
 def normalise_states(h, mean):
     """(N, C) -> rows with unit L2 norm, after subtracting `mean` (zeros when not centring).
 
@@ -663,7 +601,6 @@ def normalise_states(h, mean):
     normalised states has norm ~0.95 -- so uncentred, one direction dominates every code and the
     sparse problems are badly conditioned (3-8x slower to solve; see README)."""
     return F.normalize(h - mean, dim=-1)
-
 
 def learn_dictionary(X, cfg):
     """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows.
@@ -681,14 +618,12 @@ def learn_dictionary(X, cfg):
         dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
     return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
 
-
 # The codes. For a >= 0, lam ||a||_1 = lam sum_k a_k is linear in a, so the non-negative lasso
 #     a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1
 #           = argmin_{a >= 0} 0.5 a G a^T - (x D^T - lam) a^T,     G = D D^T (K, K)
 # is a non-negative least-squares problem with the linear term x D^T - lam. Two ways to solve it:
 # the original's FISTA (projected gradient steps, fast but approximate), and the active-set method
 # of Lawson & Hanson (exact), which mlsm.py uses.
-
 
 def fista(X, D, lam, iters=100):
     """The original's coder: `iters` steps of non-negative FISTA (Beck & Teboulle 2009).
@@ -707,7 +642,6 @@ def fista(X, D, lam, iters=100):
         Y = A_next + (t - 1) / t_next * (A_next - A)
         A, t = A_next, t_next
     return A
-
 
 class SparseCoder:
     """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch, batched
@@ -803,13 +737,11 @@ class SparseCoder:
         """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
         return 0.5 * ((X - A @ self.D) ** 2).sum(-1) + self.lam * A.abs().sum(-1)
 
-
 def code_distribution(A):
     """Codes A (N, K) >= 0 -> concept distributions p = a / ||a||_1 (N, K), and valid (N,) bool:
     False where the code is all zero, which has no distribution."""
     mass = A.sum(-1, keepdim=True)  # (N, 1)
     return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0
-
 
 def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
     """Stage wrapper for the dictionary, learned once (by rank 0 under torchrun) and saved:
@@ -838,7 +770,6 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
     D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
     return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), json.loads(str(z["info"]))
 
-
 @torch.no_grad()
 def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
     """The `top` most used concepts on dev text, each with the `per` tokens (distinct types) whose
@@ -864,12 +795,7 @@ def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
         concepts.append({"concept": k, "share_of_tokens": round(float(share[k]), 4), "examples": examples})
     return concepts
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 5: the MLSM student -- predict the teacher's concept distribution at masked positions
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 5: the MLSM student -- predict the teacher's concept distribution at masked positions ---
 @torch.no_grad()
 def concept_targets(teacher, coder, mean, ids, pos, cfg):
     """Unmasked ids (B, T), masked positions pos (B, m) -> the teacher's concept distributions
@@ -880,7 +806,6 @@ def concept_targets(teacher, coder, mean, ids, pos, cfg):
     with torch.autocast(ids.device.type, enabled=False):  # subtle: the exact solver needs fp32
         A, solved = coder.encode(normalise_states(h, mean))
     return (*code_distribution(A), solved)
-
 
 def make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device):
     """loss_fn(net, step) for MLSM. Under torchrun each process computes the targets of its own rows."""
@@ -895,7 +820,6 @@ def make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device):
                       "unsolved_codes": (~solved).sum()}
     return loss_fn
 
-
 def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
     """Learning curve of the student: its KL to the teacher's targets at the fixed dev masks."""
     batches = []  # the targets are computed once: (masked ids (B, T), positions (B, m), targets (M, K))
@@ -908,7 +832,6 @@ def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
         return {"dev_kl": float(kl) / sum(len(p) for *_, p in batches)}
     return curve
 
-
 def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, device):
     student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
     print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
@@ -919,24 +842,17 @@ def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, de
     return train_or_load("student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device),
                          cfg.student_steps, cfg.lr, cfg, out, device, curve)
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 6: frozen backbone + linear token head (BabyLM 2024)
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 6: frozen backbone + linear token head (BabyLM 2024) -----------------------------------
 def freeze(model):
     """subtle: requires_grad=False keeps the optimiser away; eval() switches dropout off."""
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
 
-
 def unigram_logp(rows, vocab_size):
     """Log training-set frequencies of the tokens, add-one smoothed -> (V,) float32."""
     counts = np.bincount(rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
-
 
 def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
     """Only a linear layer with bias from the student's K concept logits to V token logits is
@@ -962,17 +878,11 @@ def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
     return train_or_load("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
                          curve and curve(head_scorer(student, head)))
 
-
 def head_scorer(student, head):
     """Frozen student + token head as token_logits(ids (B, T), keep, pos (B, m)) -> (B m, V)."""
     return lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage 7: evaluation -- dev loss, minimal pairs by pseudo-log-likelihood, fine-tuning, report
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Stage 7: evaluation -- dev loss, minimal pairs by pseudo-log-likelihood, fine-tuning, report ---
 @torch.no_grad()
 def eval_mlm(token_logits, rows, cfg, device):
     """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, positions (B, m)) -> (M, V) on
@@ -986,13 +896,11 @@ def eval_mlm(token_logits, rows, cfg, device):
         n += len(y)
     return {"dev_loss": loss / max(n, 1), "dev_acc": correct / max(n, 1)}
 
-
 def unigram_scorer(train_rows, vocab_size, device):
     """A model that ignores context, train-set unigram frequencies, as token_logits: the floor of
     the dev loss, and on minimal pairs what word frequency alone gets right."""
     logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
     return lambda ids, keep, pos: logp.repeat(pos.numel(), 1)  # (M, V)
-
 
 @torch.no_grad()
 def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
@@ -1038,7 +946,6 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
         np.add.at(pll, rows, logp.cpu().double().numpy())
     return pll
 
-
 def minimal_pairs(token_logits, tok, pairs, cfg, device):
     """Accuracy on minimal pairs {paradigm: [(good, bad)]}: right only if PLL(good) > PLL(bad)
     strictly; ties are counted, and count as wrong (the official BabyLM pipelines count them right)."""
@@ -1053,7 +960,6 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
     return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
             "pairs": len(flat), "paradigms": per}
 
-
 class PairClassifier(nn.Module):
     """A pretrained encoder with a fresh linear classifier over the [CLS] state."""
 
@@ -1064,7 +970,6 @@ class PairClassifier(nn.Module):
     def forward(self, ids, keep):
         return self.clf(self.encoder(ids, keep)[:, 0])  # (B, n_labels)
 
-
 def encode_pairs(tok, pairs, seq_len):
     """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
     each sentence cut to half of what fits."""
@@ -1074,7 +979,6 @@ def encode_pairs(tok, pairs, seq_len):
     for i, q in enumerate(seqs):
         ids[i, :len(q)] = torch.tensor(q)
     return ids, torch.tensor([y for _, _, y in pairs])
-
 
 def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
     """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
@@ -1105,7 +1009,6 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
         r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
     return r
 
-
 def fingerprint(state):
     """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
     h = hashlib.sha256()
@@ -1113,7 +1016,6 @@ def fingerprint(state):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
 
 def probe(models, cfg, tok, tasks, out, device):
     """Fine-tune every model x task x seed, with identical settings; each result is cached in
@@ -1137,9 +1039,7 @@ def probe(models, cfg, tok, tasks, out, device):
                     "runs": [r[m] for r in runs]} for m in runs[0]}
     return summary
 
-
 MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
-
 
 def chart(curves, key, title, width=64, height=10):
     """Learning curves {name: [{"tokens": .., key: ..}, ..]} as a text chart of `key` against tokens
@@ -1161,7 +1061,6 @@ def chart(curves, key, title, width=64, height=10):
     print(" " * 9 + "+" + "-" * (width + 1))
     print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
     print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
-
 
 def report(results):
     """One table: what each model achieved, on the same dev masks, minimal pairs and tasks; then the curves."""
@@ -1215,12 +1114,7 @@ def report(results):
           "learning curve: student's dev KL to the teacher's concepts")
     print("=" * 100)
 
-
-# ---------------------------------------------------------------------------------------------
-# The pipeline: run() chains the stages
-# ---------------------------------------------------------------------------------------------
-
-
+# --- The pipeline: run() chains the stages --------------------------------------------------------
 def make_rows(cfg, out):
     """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
     times = load(out / "times.json") if (out / "times.json").exists() else {}
@@ -1237,7 +1131,6 @@ def make_rows(cfg, out):
         times["encode"] = time.time() - t0
     save_json(out / "times.json", times)  # stage times survive a restart: stages done before are not re-timed
 
-
 def token_curves(cfg, tok, dev_rows, pair_sets, device):
     """-> curve(token_logits): the learning-curve function of a model that predicts tokens, its dev
     loss at the fixed dev masks and BLiMP on the first curve_pairs pairs of each paradigm."""
@@ -1251,7 +1144,6 @@ def token_curves(cfg, tok, dev_rows, pair_sets, device):
             return r
         return measure
     return curve
-
 
 def run(cfg):
     device = join_processes(cfg)  # under torchrun: this process's device, in the process group
@@ -1342,16 +1234,10 @@ def run(cfg):
     report(results)
     return results
 
-
-# =============================================================================================
-# Infrastructure, after the pipeline: files, downloads, command line, devices and processes,
-# the benchmark. Nothing here is needed to follow the method.
-# =============================================================================================
-
-
+# === Infrastructure: files, downloads, command line, devices and processes, the benchmark ==========
+# Nothing here is needed to follow the method.
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
-
 
 def atomic_write(path, write):
     """write(file) into a temporary file beside `path`, then rename it into place.
@@ -1366,10 +1252,8 @@ def atomic_write(path, write):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def save_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
 
 def load(path):
     """An artifact, read by its suffix; a damaged file becomes a UserError that says what to do."""
@@ -1380,7 +1264,6 @@ def load(path):
     except Exception as e:  # torch, numpy and json raise many different types for a bad file
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
                         f"delete it, or re-run with --fresh") from None
-
 
 def find_corpus(path):
     """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
@@ -1396,7 +1279,6 @@ def find_corpus(path):
         raise UserError(f"--data {path} holds no *.train or *.txt files")
     return train, dev
 
-
 def read_text(path):
     """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
     invalid UTF-8 bytes become U+FFFD instead of crashing."""
@@ -1405,7 +1287,6 @@ def read_text(path):
             return "\n".join(line.rstrip("\n") for line in f if line.strip())
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-
 
 def read_jsonl(path, parse, what):
     """Each line of a .jsonl file through parse(dict) -> list; a bad line is a UserError naming it."""
@@ -1416,7 +1297,6 @@ def read_jsonl(path, parse, what):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}:{n} is not {what} ({e})") from None
     return items
-
 
 def load_pairs(path):
     """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
@@ -1432,7 +1312,6 @@ def load_pairs(path):
             pairs.setdefault(uid, []).append(pair)
     return pairs
 
-
 # BabyLM's (Super)GLUE files: the fields of each format -> the two text segments of an example
 TASK_FORMATS = [
     (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
@@ -1444,14 +1323,12 @@ TASK_FORMATS = [
      lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
 ]
 
-
 def task_example(item):
     """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
     for fields, segments in TASK_FORMATS:
         if all(f in item for f in fields):
             return (*map(str, segments(item)), int(item["label"]))
     raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
-
 
 def load_tasks(path):
     """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
@@ -1468,7 +1345,6 @@ def load_tasks(path):
         raise UserError(f"no <task>.train.jsonl files in {path}")
     return tasks
 
-
 def read_evaluation_data(cfg):
     """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training, so that a bad file
     stops the run before it has spent any time."""
@@ -1478,7 +1354,6 @@ def read_evaluation_data(cfg):
     if cfg.supplement:
         pair_sets["supplement"] = load_pairs(cfg.supplement)
     return pair_sets, load_tasks(cfg.finetune) if cfg.finetune else {}
-
 
 # The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation
 # data (on OSF inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set
@@ -1511,7 +1386,6 @@ GLUE_URL = f"{EVAL_URL}/full_eval/glue_filtered"
 GLUE_SHA256 = "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
 GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
 
-
 def unzip(folder):
     """The downloaded corpus archive -> its *.train files, directly in `folder`."""
     archive = next(folder.glob("*.zip"))
@@ -1527,16 +1401,15 @@ def unzip(folder):
     if not any(folder.glob("*.train")):
         raise UserError("the archive holds no *.train files")
 
-
 def download(dest, files, digest, option, algorithm="sha256"):
     """Download {name: url} into a temporary folder beside `dest`, check `digest` -- the hash of the
     one file, or of several the SHA-256 of their `sha256sum` listing, in this order -- let the reader
     of --option parse them, then rename the folder into place: a failed download leaves nothing."""
     check = {"data": unzip, "blimp": load_pairs, "finetune": load_tasks}[option]
     listing = "" if len(files) == 1 else "the sha256 of their sha256sum listing: "
-    manual = (f"get {', '.join(files)} by hand from {'; '.join(sorted(set(files.values())))}, check them ({listing}"
-              f"{algorithm} {digest}), put {'the unzipped *.train files' if option == 'data' else 'them'} into {dest}, "
-              f"or pass another folder as --{option}")
+    what = "the unzipped *.train files" if option == "data" else "them"
+    manual = (f"get {', '.join(files)} by hand from {'; '.join(sorted(set(files.values())))}, check them "
+              f"({listing}{algorithm} {digest}), put {what} into {dest}, or pass another folder as --{option}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -1562,7 +1435,6 @@ def download(dest, files, digest, option, algorithm="sha256"):
             raise UserError(f"{str(e).replace(str(folder), str(dest))}; {manual}") from None
         os.replace(folder, dest)
 
-
 def fetch_missing(cfg):
     """Download the default corpus, BLiMP and GLUE tasks where the options name them and they are missing."""
     for option, files, digest, algorithm in (
@@ -1573,11 +1445,9 @@ def fetch_missing(cfg):
         if path and path == getattr(Config, option) and not Path(path).exists():
             download(path, files, digest, option, algorithm)
 
-
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
              "times.json", "concepts.json", "finetune.json"]
 ARTIFACTS += [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
-
 
 def prepare_out(cfg):
     """Create --out, or check that the artifacts in it were made by the same config."""
@@ -1597,7 +1467,6 @@ def prepare_out(cfg):
     else:
         save_json(out / "config.json", want)
 
-
 # Limits of the options: (fields, test, what the test asks for)
 LIMITS = [
     ("teacher_steps student_steps head_steps dict_epochs finetune_steps train_words blimp_pairs curve_pairs "
@@ -1608,7 +1477,6 @@ LIMITS = [
     ("mask_rate beta2", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("dropout dev_fraction warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
 ]
-
 
 def parse_config(argv=None):
     """Command line -> Config: preset values first, then the flags given explicitly."""
@@ -1642,7 +1510,6 @@ def parse_config(argv=None):
         raise UserError("; ".join(problems))
     return cfg
 
-
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
@@ -1653,7 +1520,6 @@ def pick_device(name):
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {name} is not usable here ({e})") from None
     return device
-
 
 def join_processes(cfg):
     """-> this process's device. Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK and the
@@ -1673,12 +1539,10 @@ def join_processes(cfg):
         sys.stdout = open(os.devnull, "w")
     return device
 
-
 def barrier():
     """Wait for every process (under torchrun; nothing otherwise)."""
     if dist.is_initialized():
         dist.barrier()
-
 
 def warn_if_slow(cfg, n_params, device):
     """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
@@ -1696,12 +1560,7 @@ def warn_if_slow(cfg, n_params, device):
           f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 45 minutes",
           file=sys.stderr)
 
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json ---
 def wall(fn, device, repeat=1):
     """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -1713,6 +1572,10 @@ def wall(fn, device, repeat=1):
     sync()
     return (time.perf_counter() - t0) / repeat
 
+def timed(fn):
+    """-> (fn(), its seconds): for work too long to repeat."""
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
 
 def step_flops(model, cfg, masked):
     """FLOPs of one training step = 3 x forward (the backward pass costs twice the forward):
@@ -1723,12 +1586,9 @@ def step_flops(model, cfg, masked):
     layer = sum(p.numel() for p in model.blocks[-1].parameters() if p.dim() == 2)
     qkv = model.blocks[-1].attn.qkv.weight.numel()
     blocks = (cfg.n_layers - 1) * layer * tokens + qkv * tokens + (layer - qkv) * masked
-    if model.concept_head is None:
-        head = model.mlm_transform[0].weight.numel() + model.tok_emb.weight.numel()
-    else:
-        head = sum(p.numel() for p in model.concept_head.parameters() if p.dim() == 2)
+    head = [model.mlm_transform[0], model.tok_emb] if model.concept_head is None else model.concept_head
+    head = sum(p.numel() for p in nn.ModuleList(head).parameters() if p.dim() == 2)
     return 3 * (2 * blocks + 4 * cfg.seq_len * cfg.d_model * cfg.n_layers * tokens + 2 * head * masked)
-
 
 def bench(cfg):
     """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset. With the
@@ -1737,14 +1597,11 @@ def bench(cfg):
     from sklearn.decomposition import sparse_encode
 
     device, out = pick_device(cfg.device), Path(cfg.out)
-    work = out / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, ckpt_every=10 ** 9, log_every=10 ** 9)  # no checkpoints or syncs
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, ckpt_every=10 ** 9, log_every=10 ** 9)  # no checkpoints, no syncs
     r = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": cfg.preset}
-    r["matmul_GFLOPs"] = 0.0  # the best of a few large square matmuls: this machine's dense fp32 peak
-    for n in (1024, 2048, 4096):
-        a = torch.randn(n, n, device=device)
-        r["matmul_GFLOPs"] = max(r["matmul_GFLOPs"], 2 * n ** 3 / wall(lambda: a @ a, device, 3) / 1e9)
+    squares = [torch.randn(n, n, device=device) for n in (1024, 2048, 4096)]  # the best: this machine's fp32 peak
+    r["matmul_GFLOPs"] = max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
     real = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
     if real:
         tok = Tokenizer.load(out / "tokenizer.json")
@@ -1754,14 +1611,16 @@ def bench(cfg):
         rows = np.random.default_rng(0).integers(N_SPECIAL, V, (4096, cfg.seq_len))
         rows[:, 0], rows[:, -1], dev_rows = CLS, SEP, rows[:512]
     r["states"] = f"trained teacher of {out}" if real else "untrained teacher, random tokens"
-    steps, tokens = 10, cfg.batch_size * cfg.seq_len
+    ids, _, pos = get_batch(rows, cfg, 2, 0, device)
+    tokens, flops = cfg.batch_size * cfg.seq_len, lambda model: step_flops(model, cfg, pos.numel())
+
+    def step_seconds(name, model, loss_fn, steps=10):
+        train_loop(name, model, loss_fn, 2, cfg.lr, cfg, out, device)  # warm-up
+        return train_loop(name, model, loss_fn, steps, cfg.lr, cfg, out, device)[1] / steps
 
     teacher = build_encoder(cfg, V).to(device)
-    for n in (2, steps):  # the first call warms up
-        info, sec, _ = train_loop("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device), n, cfg.lr,
-                                  cfg, work, device)
-    r["teacher_tokens_per_s"] = steps * tokens / sec
-    r["teacher_MFU"] = step_flops(teacher, cfg, info["masked"] / steps) * steps / sec / (r["matmul_GFLOPs"] * 1e9)
+    sec = step_seconds("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device))
+    r["teacher_tokens_per_s"], r["teacher_MFU"] = tokens / sec, flops(teacher) / sec / (r["matmul_GFLOPs"] * 1e9)
     if real:
         try:
             teacher.load_state_dict(load(out / "teacher.pt")["model"])
@@ -1771,48 +1630,36 @@ def bench(cfg):
     freeze(teacher)
     H = torch.from_numpy(teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0])
     mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])
-    t0 = time.perf_counter()
-    D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
-    r["dictionary_fit_s"], r["dictionary_states"] = time.perf_counter() - t0, len(H)
+    D, r["dictionary_fit_s"] = timed(lambda: learn_dictionary(normalise_states(H, mean).numpy(), cfg))
+    r["dictionary_states"] = len(H)
     if real:
         z = load(out / "dictionary.npz")
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
     coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
-    for n in (2, steps):
-        loss_fn = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
-        _, sec, _ = train_loop("bench_student", student, loss_fn, n, cfg.lr, cfg, work, device)
-    ids, _, pos = get_batch(rows, cfg, 2, 0, device)
+    sec = step_seconds("bench_student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device))
     target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
-    student_s = sec / steps - target_s
-    r["student_tokens_per_s"] = tokens / student_s
-    r["student_MFU"] = step_flops(student, cfg, pos.numel()) / student_s / (r["matmul_GFLOPs"] * 1e9)
-    r["targets_over_student_step"] = target_s / student_s
-    r["coder_share_of_targets"] = 1 - wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3) / target_s
+    sec -= target_s  # the student's own step
+    r["student_tokens_per_s"], r["student_MFU"] = tokens / sec, flops(student) / sec / (r["matmul_GFLOPs"] * 1e9)
+    r["targets_over_student_step"] = target_s / sec
+    forward_s = wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3)
+    r["coder_share_of_targets"] = 1 - forward_s / target_s
 
     # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
     X = normalise_states(torch.from_numpy(teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0])
                          .to(device), mean)
     r["coder_s"] = wall(lambda: coder.encode(X), device, 3)
-    t0 = time.perf_counter()
-    ref = sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(), algorithm="lasso_cd", alpha=cfg.lam, positive=True)
-    r["sparse_encode_s"] = time.perf_counter() - t0
+    ref, r["sparse_encode_s"] = timed(lambda: sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(),
+                                                            algorithm="lasso_cd", alpha=cfg.lam, positive=True))
     r["coder_speedup"] = r["sparse_encode_s"] / r["coder_s"]
     A, solved = coder.encode(X)
-    r["coder_unsolved"] = int((~solved).sum())
-    f_ours = coder.objective(X, A).cpu().double()
-    f_ref = coder.objective(X, torch.from_numpy(ref).to(device)).cpu().double()
-    r["coder_gap_mean"] = float(((f_ours - f_ref) / f_ref).mean())
-    r["coder_gap_max"] = float(((f_ours - f_ref) / f_ref).max())
-
+    gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
+    r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
     if Path(cfg.data).exists():  # the tokenizer
         texts = read_corpus(cfg)[0]
-        t0 = time.perf_counter()
-        bpe = Tokenizer.train(texts, cfg.vocab_size)
-        r["bpe_train_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        r["tokens"] = sum(len(bpe.encode(t)) for t in texts)
-        r["bpe_encode_s"], r["words"] = time.perf_counter() - t0, sum(len(t.split()) for t in texts)
+        bpe, r["bpe_train_s"] = timed(lambda: Tokenizer.train(texts, cfg.vocab_size))
+        r["tokens"], r["bpe_encode_s"] = timed(lambda: sum(len(bpe.encode(t)) for t in texts))
+        r["words"] = sum(len(t.split()) for t in texts)
     if cfg.blimp and Path(cfg.blimp).exists() and real:  # minimal pairs scored per second
         pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
         seconds = wall(lambda: minimal_pairs(mlm_scorer(teacher), tok, pairs, cfg, device), device)
@@ -1820,11 +1667,9 @@ def bench(cfg):
     r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         r["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    shutil.rmtree(work)
     save_json(out / "bench.json", r)
     print("\n".join(f"{k:<28}{v:>14.4g}" if isinstance(v, float) else f"{k:<28}{v!s:>14}" for k, v in r.items()))
     return r
-
 
 def main(argv=None):
     try:
@@ -1840,7 +1685,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
