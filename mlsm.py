@@ -1588,8 +1588,10 @@ def step_flops(model, cfg, masked):
     layer = sum(p.numel() for p in model.blocks[-1].parameters() if p.dim() == 2)
     qkv = model.blocks[-1].attn.qkv.weight.numel()
     blocks = (cfg.n_layers - 1) * layer * tokens + qkv * tokens + (layer - qkv) * masked
-    head = [model.mlm_transform[0], model.tok_emb] if model.concept_head is None else model.concept_head
-    head = sum(p.numel() for p in nn.ModuleList(head).parameters() if p.dim() == 2)
+    if model.concept_head is None:
+        head = model.mlm_transform[0].weight.numel() + model.tok_emb.weight.numel()
+    else:
+        head = sum(p.numel() for p in model.concept_head.parameters() if p.dim() == 2)
     return 3 * (2 * blocks + 4 * cfg.seq_len * cfg.d_model * cfg.n_layers * tokens + 2 * head * masked)
 
 def bench(cfg):
@@ -1614,7 +1616,10 @@ def bench(cfg):
         rows[:, 0], rows[:, -1], dev_rows = CLS, SEP, rows[:512]
     r["states"] = f"trained teacher of {out}" if real else "untrained teacher, random tokens"
     ids, _, pos = get_batch(rows, cfg, 2, 0, device)
-    tokens, flops = cfg.batch_size * cfg.seq_len, lambda model: step_flops(model, cfg, pos.numel())
+    tokens = cfg.batch_size * cfg.seq_len
+
+    def flops(model):  # of one training step
+        return step_flops(model, cfg, pos.numel())
 
     def step_seconds(name, model, loss_fn, steps=10):
         train_loop(name, model, loss_fn, 2, cfg.lr, cfg, out, device)  # warm-up
