@@ -139,7 +139,7 @@ def test_help_documents_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for f in mlsm.Config.__dataclass_fields__:
         assert f"--{f}" in text
-    assert "(default: 5000; cpu: 1200; tiny: 100)" in text  # --teacher_steps: the default and the presets' values
+    assert "(default: 5000; cpu: 1700; tiny: 100)" in text  # --teacher_steps: the default and the presets' values
     assert text.count("(default: ") == len(mlsm.Config.__dataclass_fields__)
 
 
