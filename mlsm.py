@@ -135,7 +135,7 @@ PRESETS = {
     # 2e-3 and a narrower model that takes more steps left the unigram plateau far sooner at equal
     # time (README's recipe search); a short head learns more at a higher head_lr.
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=192, n_layers=4, n_heads=4, dropout=0.0, batch_size=64,
-                lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=400, head_lr=3e-4, n_concepts=1024,
+                lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=800, head_lr=3e-4, n_concepts=1024,
                 dict_tokens=24_000, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10, curve_pairs=4,
                 finetune_steps=100, finetune_seeds=2),
     # Seconds, for smoke runs and tests.
