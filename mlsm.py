@@ -21,8 +21,8 @@ and Masked Language Modeling for Sample Efficient Pre-training (BabyLM 2023); In
 Conceptual Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
 
 Run (measured and estimated times per stage are in README.md):
-  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~1 hour
-  python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 45 minutes
+  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~40 min (estimate)
+  python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
   python mlsm.py --preset tiny --data some.txt   # smoke run, seconds
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
   python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
@@ -69,7 +69,7 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("laptop", "laptop (GPU, 10M words, ~1 hour), cpu (3M words, ~45 min on 2 cores), tiny (smoke)")
+    preset: str = opt("laptop", "laptop (GPU, 10M words, ~40 min), cpu (3M words, ~40 min on 2 cores), tiny (smoke)")
     data: str = opt("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder = dev split) or "
                     "one text file; the default is downloaded when missing")
     out: str = opt("", "run directory for every artifact; empty: runs/<preset>")
@@ -131,7 +131,7 @@ class Config:
 # Presets change only numbers (sizes, steps, learning rates); any field can still be set on the command line.
 PRESETS = {
     "laptop": {},
-    # About 45 minutes on 2 CPU cores, evaluation included. Rows of 32 tokens, batches of 64 rows, lr
+    # About 40 minutes on 2 CPU cores, evaluation included. Rows of 32 tokens, batches of 64 rows, lr
     # 2e-3 and a narrower model that takes more steps left the unigram plateau far sooner at equal
     # time (README's recipe search); a short head learns more at a higher head_lr.
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=192, n_layers=4, n_heads=4, dropout=0.0, batch_size=64,
@@ -1560,7 +1560,7 @@ def warn_if_slow(cfg, n_params, device):
     tokens = (cfg.teacher_steps + student * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
     hours = 6 * n_params * tokens / (0.5 * flops) / 3600  # training ~ 6 FLOPs per parameter per token
     print(f"warning: the laptop preset on this CPU would take about {hours:.0f} hours (estimate from a "
-          f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 45 minutes",
+          f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 40 minutes on 2 cores",
           file=sys.stderr)
 
 # --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json ---
