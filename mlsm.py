@@ -656,7 +656,7 @@ class SparseCoder:
       drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
       add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
             and if none has, a is optimal (the KKT conditions hold) and the row is done.
-    Codes have ~10 non-zeros, so a row needs ~10-20 rounds of small solves, and ends at the optimum.
+    Codes have ~13 non-zeros, so a row needs 15-30 rounds of small solves (a few up to 48), and ends at the optimum.
     Why not FISTA: teacher states make the problem badly conditioned, and 100 FISTA steps stop far
     from the optimum (a 7% objective gap on real states, see README).
 
