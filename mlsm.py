@@ -21,7 +21,7 @@ and Masked Language Modeling for Sample Efficient Pre-training (BabyLM 2023); In
 Conceptual Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
 
 Run (measured and estimated times per stage are in README.md):
-  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~40 min (estimate)
+  python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~50 min (estimate)
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
   python mlsm.py --preset tiny --data some.txt   # smoke run, seconds
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
@@ -69,7 +69,7 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    preset: str = opt("laptop", "laptop (GPU, 10M words, ~40 min), cpu (3M words, ~40 min on 2 cores), tiny (smoke)")
+    preset: str = opt("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), tiny (smoke)")
     data: str = opt("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder = dev split) or "
                     "one text file; the default is downloaded when missing")
     out: str = opt("", "run directory for every artifact; empty: runs/<preset>")
@@ -656,22 +656,24 @@ class SparseCoder:
       drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
       add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
             and if none has, a is optimal (the KKT conditions hold) and the row is done.
-    Codes have ~13 non-zeros, so a row needs 15-30 rounds of small solves (a few up to 48), and ends at the optimum.
+    The CPU preset's codes have ~13 non-zeros, and a row needs 15-30 rounds of small solves (a few up to 48);
+    a teacher trained 7x longer has codes of ~30 and up to 50, solved within 64. A solved row is at the optimum.
     Why not FISTA: teacher states make the problem badly conditioned, and 100 FISTA steps stop far
     from the optimum (a 7% objective gap on real states, see README).
 
     Bookkeeping, kept out of the moves' way: S lives in a few slots per row, doubled on a fixed
-    schedule up to `slots`; every round is the same batched work whatever the data, so a GPU runs
-    all `rounds` without once waiting to be told which rows are done (done rows stay where they
-    are). On the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
+    schedule up to `slots` (by default `rounds`: a round adds at most one atom, so a code is never cut
+    short by slots); every round is the same batched work whatever the data, so a GPU runs all
+    `rounds` without once waiting to be told which rows are done (done rows stay where they are). On
+    the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
 
     subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS badly
     conditioned (7e3 in a real batch), so the small solves run in float64. Apple's MPS has no
     float64: there the coder keeps float32 (`host_solve`) and sends each round's small systems to
     the CPU to be solved in float64 -- one wait per round, but exact codes."""
 
-    def __init__(self, D, lam, rounds=64, slots=32, shrink=None, host_solve=None):
-        self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots  # D (K, C)
+    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None):
+        self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots or rounds  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
         self.dtype = torch.float32 if self.host_solve else torch.float64
@@ -770,8 +772,11 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
     barrier()
     z = load(path)
-    D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
-    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), json.loads(str(z["info"]))
+    D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
+    if info["unsolved"] and shard()[0] == 0:
+        print(f"warning: {info['unsolved']} held-out codes were not solved within --coder_rounds {cfg.coder_rounds}; "
+              f"such masked tokens get no target in the student's training: raise --coder_rounds", file=sys.stderr)
+    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), info
 
 @torch.no_grad()
 def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):

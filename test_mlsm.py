@@ -616,6 +616,33 @@ def test_sparse_coder_flags_rows_it_could_not_finish(limit):
     assert (gap[~solved] > -1e-7).all() and gap[~solved].max() > 1e-3 and (gap[solved].abs() < 1e-6).all()
 
 
+def test_sparse_coder_solves_codes_of_more_than_32_atoms_by_default():
+    """Codes of 34-52 atoms (a teacher trained longer has codes of up to 50): the default coder gives
+    every row room for as many atoms as it has rounds, and matches scikit-learn; room for 32 fails."""
+    g = torch.Generator().manual_seed(0)
+    D = F.normalize(torch.randn(256, 64, generator=g), dim=-1)
+    X = F.normalize(torch.randn(40, 64, generator=g), dim=-1)
+    coder = mlsm.SparseCoder(D, 0.05)
+    A, solved = coder.encode(X)
+    ref = torch.from_numpy(sparse_encode(X.double().numpy(), D.double().numpy(), algorithm="lasso_cd",
+                                         alpha=0.05, positive=True, max_iter=100000)).float()
+    assert (ref > 0).sum(1).min() > 32 and solved.all()
+    assert ((coder.objective(X, A) - coder.objective(X, ref)) / coder.objective(X, ref)).max() < 1e-5
+    assert not mlsm.SparseCoder(D, 0.05, slots=32).encode(X)[1].any()
+
+
+def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
+    cfg = mlsm.parse_config(["--preset", "tiny", "--dict_tokens", "1000", "--n_concepts", "16", "--coder_rounds", "2"])
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, cfg.vocab_size, (200, cfg.seq_len))
+    teacher = mlsm.freeze(mlsm.build_encoder(cfg, cfg.vocab_size))
+    mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
+    assert "not solved within --coder_rounds 2" in capsys.readouterr().err
+    cfg.coder_rounds = 64  # learned again, coded with the default rounds: every code solved
+    (tmp_path / "dictionary.npz").unlink()
+    _, _, info = mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
+    assert info["unsolved"] == 0 and "warning" not in capsys.readouterr().err
+
+
 def test_support_counts_an_atom_in_a_used_slot_even_if_a_free_slot_names_it():
     # row 0: atom 5 was dropped from slot 2 and came back in slot 0 (the case a real run hit)
     idx = torch.tensor([[5, 7, 5, 9], [1, 2, 3, 4]])
