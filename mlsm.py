@@ -105,7 +105,8 @@ class Config:
     # concepts
     n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
     lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
-    coder_rounds: int = opt(64, "rounds of the exact sparse coder; codes unsolved after them give no target")
+    coder_rounds: int = opt(64, "rounds of the exact sparse coder, each adding at most one atom to a code; codes "
+                            "unsolved after them give no target")
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
     dict_tokens: int = opt(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
