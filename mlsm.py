@@ -657,8 +657,8 @@ class SparseCoder:
       drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
       add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
             and if none has, a is optimal (the KKT conditions hold) and the row is done.
-    The CPU preset's codes have ~13 non-zeros, and a row needs 15-30 rounds of small solves (a few up to 48);
-    a teacher trained 7x longer has codes of ~30, up to 50+: 64 rounds left 0.03% unsolved. A solved row is optimal.
+    Codes have ~13 non-zeros in the CPU preset (~30 from a teacher trained longer), so a row needs tens of
+    rounds of small solves (README: how many), and ends at the optimum.
     Why not FISTA: teacher states make the problem badly conditioned, and 100 FISTA steps stop far
     from the optimum (a 7% objective gap on real states, see README).
 
