@@ -31,6 +31,7 @@ Deliberately left out: 80/10/10 masking, whole-word masking, sentence-level obje
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -77,6 +78,8 @@ class Config:
     seed: int = opt(0, "seed for initialisation, batches and masks")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
     compile: bool = opt(False, "torch.compile the encoders (checkpoints stay uncompiled)")
+    dtype: str = opt("auto", "autocast of training steps: auto (on CUDA bf16 where the GPU has it, else fp16 with "
+                     "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32")
     bench: bool = opt(False, "measure the speed of every stage instead of training -> bench.json in --out")
     # tokenizer and data
     vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
@@ -120,6 +123,8 @@ class Config:
     supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
     finetune: str = opt("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl (BabyLM GLUE format) to "
                         "fine-tune on; the default (MRPC, RTE) is downloaded when missing; '' skips")
+    tasks: str = opt("", "comma-separated tasks of --finetune to fine-tune on, e.g. mrpc,rte ('': all there are; "
+                     "into the default folder all seven of BabyLM's are downloaded)")
     finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
     finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
     finetune_seeds: int = opt(3, "fine-tuning runs per task and model, with different seeds")
@@ -138,7 +143,7 @@ PRESETS = {
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=192, n_layers=4, n_heads=4, dropout=0.0, batch_size=64,
                 lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=800, head_lr=3e-4, n_concepts=1024,
                 dict_tokens=24_000, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10, curve_pairs=4,
-                finetune_steps=100, finetune_seeds=2),
+                tasks="mrpc,rte", finetune_steps=100, finetune_seeds=2),
     # Seconds, for smoke runs and tests.
     "tiny": dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0,
                  batch_size=64, lr=1e-3, mask_rate=0.15, teacher_steps=100, student_steps=100, head_steps=100,
@@ -148,7 +153,7 @@ PRESETS = {
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
 RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "log_every", "ckpt_every", "blimp", "supplement",
-            "finetune", "finetune_steps", "finetune_lr", "finetune_seeds"}
+            "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
 # --- Stage 1: byte-level BPE tokenizer ------------------------------------------------------------
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -318,6 +323,11 @@ def at(x, pos):
     """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
     return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
 
+def count(pos):
+    """The number of masked positions as a tensor on their device. subtle: not torch.tensor(n), which
+    lives on the CPU, where NCCL cannot sum it with the other processes' counters."""
+    return torch.full((), pos.numel(), device=pos.device)
+
 def step_seed(cfg, salt, step):
     """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
     resumed run draws exactly what the uninterrupted one would have."""
@@ -460,8 +470,8 @@ def concept_kl(logits, target):
     return kl.mean()
 
 # --- One training loop for teacher, student and head ---------------------------------------------
-# AdamW, warmup + linear decay, clipping, bf16 autocast on CUDA, data parallel under torchrun, atomic
-# checkpoints, exact resume.
+# AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
+# torchrun, atomic checkpoints, exact resume.
 def shard():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -490,6 +500,10 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     warm = max(1, round(cfg.warmup * steps))
     # lr factor: linear warmup over `warm` steps, then linear decay to zero at `steps`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm)))
+    dtype = step_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled up first
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = Path(out) / f"{name}.ckpt.pt"
     start, totals, elapsed, points = 0, {}, 0.0, []
     if ckpt_path.exists():
@@ -497,10 +511,10 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
+        scaler.load_state_dict(ck.get("scaler", {}))
         start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
         points = ck["curve"]
         print(f"{name}: resuming at step {start} of {steps}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
     t0, recent = time.time(), 0.0
 
@@ -521,9 +535,11 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
         with autocast:
             loss, extras = loss_fn(net, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # without fp16, scaler passes everything through unchanged
+        scaler.unscale_(opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
+        scaler.step(opt)  # skipped where fp16 gradients overflowed (and the scale is lowered)
+        scaler.update()
         sched.step()
         if world > 1 and extras:  # counters of the whole batch: one small all-reduce, no wait on the host
             summed = torch.stack(list(extras.values()))
@@ -535,16 +551,25 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
         if (step + 1) % cfg.log_every == 0:  # .item() waits for the device: only at log intervals
             if world > 1:  # the loss of the whole batch, not of this process's share
                 dist.all_reduce(recent)
-            bar.set_postfix(loss=f"{recent.item() / cfg.log_every / world:.4f}")
+            bar.set_postfix(loss=f"{recent.item() / cfg.log_every / world:.4f}", **unsolved_share(totals))
             recent = 0.0
         if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
+            ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                      scaler=scaler.state_dict(), step=step + 1,
                       totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0, curve=points)
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
     if rank == 0 and steps in at_steps and not any(p["step"] == steps for p in points):
         measure(steps)
+    sync(device)  # the time is the device's: it may still be running the last steps
     model.eval()
     return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0, points
+
+def unsolved_share(totals):
+    """{"unsolved": share} for the progress bar, once more than 1% of the targets so far had no exact code."""
+    if "unsolved_codes" not in totals:
+        return {}
+    share = float(totals["unsolved_codes"]) / max(1.0, float(totals["masked"]))
+    return {"unsolved": f"{share:.1%}"} if share > 0.01 else {}
 
 def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
@@ -567,7 +592,7 @@ def make_mlm_loss(model, rows, cfg, salt, device):
     def loss_fn(net, step):
         ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
         h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
-        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": torch.tensor(pos.numel())}
+        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
     return loss_fn
 
 def mlm_scorer(model):
@@ -647,6 +672,22 @@ def fista(X, D, lam, iters=100):
         A, t = A_next, t_next
     return A
 
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """fp32 matrix products in full fp32 inside the block, whatever was allowed outside it: TF32 on a
+    GPU (torch.backends.cuda.matmul.allow_tf32) or bf16 on a CPU (set_float32_matmul_precision) keep
+    too few bits for the coder's optimality test. subtle: only the per-backend settings are read and
+    written; torch refuses to mix them with the older global ones."""
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, precision in zip(backends, saved):
+            b.fp32_precision = precision
+
 class SparseCoder:
     """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch, batched
     over rows: Lawson & Hanson's active-set method for the non-negative least squares above.
@@ -678,7 +719,8 @@ class SparseCoder:
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
         self.dtype = torch.float32 if self.host_solve else torch.float64
-        self.G = D.to(self.dtype) @ D.to(self.dtype).T  # (K, K)
+        with full_fp32_matmuls():
+            self.G = D.to(self.dtype) @ D.to(self.dtype).T  # (K, K)
 
     def solve(self, M, b):
         """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s); float64 on the device, or on the CPU."""
@@ -694,6 +736,7 @@ class SparseCoder:
         return torch.zeros(len(idx), K, device=idx.device).scatter_add_(1, idx, on.float()) > 0
 
     @torch.no_grad()
+    @full_fp32_matmuls()
     def encode(self, X):
         """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds`
         rounds or `slots` atoms were not enough (that code is feasible but not optimal)."""
@@ -810,9 +853,13 @@ def concept_targets(teacher, coder, mean, ids, pos, cfg):
     """Unmasked ids (B, T), masked positions pos (B, m) -> the teacher's concept distributions
     p (M, K) at those positions, has_mass (M,): False where the code is all zero, and solved (M,):
     False where the coder stopped short of the optimum. subtle: the teacher sees the *unmasked*
-    input, as in the original."""
-    h = teacher(ids, layer=cfg.teacher_layer, pos=pos).float()  # (M, C)
-    with torch.autocast(ids.device.type, enabled=False):  # subtle: the exact solver needs fp32
+    input, as in the original.
+
+    subtle: in fp32 even inside the training step's bf16 / fp16 autocast, as the dictionary's states,
+    the dev targets and read_concepts are: half-precision states move a code's support, so training
+    and evaluation would use different targets."""
+    with torch.autocast(ids.device.type, enabled=False):
+        h = teacher(ids, layer=cfg.teacher_layer, pos=pos)  # (M, C)
         A, solved = coder.encode(normalise_states(h, mean))
     return (*code_distribution(A), solved)
 
@@ -825,7 +872,7 @@ def make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device):
         loss = concept_kl(student.concept_logits(h), p * solved[:, None])  # unsolved codes: no target
         if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
             loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), at(ids, pos))
-        return loss, {"masked": torch.tensor(pos.numel()), "zero_codes": (~has_mass).sum(),
+        return loss, {"masked": count(pos), "zero_codes": (~has_mass).sum(),
                       "unsolved_codes": (~solved).sum()}
     return loss_fn
 
@@ -1111,6 +1158,10 @@ def report(results):
           f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
           f"{results['student_zero_codes']:.2%} all-zero and {results['student_unsolved_codes']:.0f} unsolved "
           f"targets in student training (no target: they add 0 to the loss, as all-zero codes do in the original)")
+    unsolved = results["student_unsolved_codes"] / max(1, results["tokens_seen"]["MLSM student"])
+    if unsolved > 0.01:
+        print(f"warning: {unsolved:.1%} of the student's targets had no exact code within --coder_rounds "
+              f"{c['coder_rounds']}, and so taught it nothing: raise --coder_rounds")
     times = results["seconds"]
     evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
     print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation "
@@ -1159,8 +1210,7 @@ def run(cfg):
     rank, world = shard()
     out = Path(cfg.out)
     if rank == 0:  # work that is not data-parallel is done once; the other processes load what it wrote
-        fetch_missing(cfg)
-        find_corpus(cfg.data)  # a missing --data stops the run before anything is written
+        fetch_missing(cfg)  # a missing --data (or other path) stops the run before anything is written
         prepare_out(cfg)
         make_rows(cfg, out)
     barrier()
@@ -1339,12 +1389,18 @@ def task_example(item):
             return (*map(str, segments(item)), int(item["label"]))
     raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
 
-def load_tasks(path):
+def load_tasks(path, only=""):
     """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
-    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label)."""
-    tasks = {}
+    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label).
+    only: comma-separated tasks to read ('': all)."""
+    tasks, only = {}, [t for t in only.split(",") if t]
+    for t in only:
+        if not (Path(path) / f"{t}.train.jsonl").exists():
+            raise UserError(f"--tasks {t}: {path} holds no {t}.train.jsonl")
     for train_file in sorted(Path(path).glob("*.train.jsonl")):
         task = train_file.name.removesuffix(".train.jsonl")
+        if only and task not in only:
+            continue
         valid_file = train_file.with_name(f"{task}.valid.jsonl")
         if not valid_file.exists():
             raise UserError(f"{valid_file} is missing: each <task>.train.jsonl needs a <task>.valid.jsonl")
@@ -1362,7 +1418,7 @@ def read_evaluation_data(cfg):
         pair_sets["BLiMP"] = {k: v[: cfg.blimp_pairs or None] for k, v in load_pairs(cfg.blimp).items()}
     if cfg.supplement:
         pair_sets["supplement"] = load_pairs(cfg.supplement)
-    return pair_sets, load_tasks(cfg.finetune) if cfg.finetune else {}
+    return pair_sets, load_tasks(cfg.finetune, cfg.tasks) if cfg.finetune else {}
 
 # The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation
 # data (on OSF inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set
@@ -1390,10 +1446,17 @@ regular_plural_subject_verb_agreement_2 sentential_negation_npi_licensor_present
 sentential_subject_island superlative_quantifiers_1 superlative_quantifiers_2 tough_vs_raising_1 tough_vs_raising_2
 transitive wh_island wh_questions_object_gap wh_questions_subject_gap wh_questions_subject_gap_long_distance
 wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap wh_vs_that_with_gap_long_distance""".split()
-# BabyLM's filtered MRPC and RTE, train and validation splits
+# BabyLM's filtered (Super)GLUE tasks, train and validation splits, each file pinned by its git blob id
 GLUE_URL = f"{EVAL_URL}/full_eval/glue_filtered"
-GLUE_SHA256 = "820d63da9fdc9d8f83f28e4923651e889c14a11190da8485eb71e36f5640e99c"
-GLUE_FILES = ["mrpc.train.jsonl", "mrpc.valid.jsonl", "rte.train.jsonl", "rte.valid.jsonl"]
+GLUE_BLOBS = {f"{task}.{split}.jsonl": blob for task, train, valid in [
+    ("boolq", "2db706a23e48d0ba8ea2c309ebc8092764d14d32", "0a39eacb6104879c0845bdc44edafbfa3faf5787"),
+    ("mnli", "c3411ab35738bafbd2a68f4b1475418836a99b57", "5d71ded07f0f7e1952dda4c4a44d178529cb3401"),
+    ("mrpc", "b42a6206cdcf17c4f250e21c2386aa8e799c261f", "dc8073610a4daad7ad0fd7cc4568bad133ac6f26"),
+    ("multirc", "9aaf9a8b39a67a5a991bcebdf7fb1895b775a64f", "3b9529f7bc54b716fef21398cfe708f10e412d0d"),
+    ("qqp", "b7e40e565c785e234ca668d12ace487b186fa7a4", "8dc54c84e7183e34ce564d7e2cb8a272e0302671"),
+    ("rte", "89d43d1ab49c063392a164c7f7bd1bbab42f114e", "71802211dbdeaa58ac7cc8e3113cbdc2dfc32501"),
+    ("wsc", "d111628103f7c7f15d680eda2ecafea1f68ac70d", "ac099d27b57cb3f9a4e23cb1d434f08c15785025")]
+    for split, blob in (("train", train), ("valid", valid))}
 
 def unzip(folder):
     """The downloaded corpus archive -> its *.train files, directly in `folder`."""
@@ -1410,49 +1473,78 @@ def unzip(folder):
     if not any(folder.glob("*.train")):
         raise UserError("the archive holds no *.train files")
 
+def file_digest(path, algorithm):
+    """A file's hex digest. "git": its git blob id, the SHA-1 of b"blob <size>\\0" + content, which is
+    what a repository's tree records for it (and `git hash-object FILE` prints)."""
+    h = hashlib.new("sha1" if algorithm == "git" else algorithm)
+    if algorithm == "git":
+        h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
 def download(dest, files, digest, option, algorithm="sha256"):
-    """Download {name: url} into a temporary folder beside `dest`, check `digest` -- the hash of the
-    one file, or of several the SHA-256 of their `sha256sum` listing, in this order -- let the reader
-    of --option parse them, then rename the folder into place: a failed download leaves nothing."""
+    """Download {name: url} into a temporary folder beside `dest`, check them -- `digest` a dict: each
+    file's own digest; a string: the one file's digest, or of several the SHA-256 of their `sha256sum`
+    listing, in this order -- let the reader of --option parse them, then move them into place: a
+    failed download leaves nothing. Files for a `dest` that exists are added to it."""
     check = {"data": unzip, "blimp": load_pairs, "finetune": load_tasks}[option]
-    listing = "" if len(files) == 1 else "the sha256 of their sha256sum listing: "
+    dest, urls = Path(dest), list(files.values())
+    pins = ("each by its git blob id (`git hash-object FILE`; the ids are in mlsm.py)" if isinstance(digest, dict)
+            else f"{algorithm} {digest}" if len(files) == 1 else f"the sha256 of their sha256sum listing: {digest}")
+    where = urls[0] if len(urls) == 1 else os.path.commonprefix(urls).rsplit("/", 1)[0] + "/"
     what = "the unzipped *.train files" if option == "data" else "them"
-    manual = (f"get {', '.join(files)} by hand from {'; '.join(sorted(set(files.values())))}, check them "
-              f"({listing}{algorithm} {digest}), put {what} into {dest}, or pass another folder as --{option}")
-    dest = Path(dest)
+    manual = (f"get {'it' if len(files) == 1 else f'the {len(files)} files ({next(iter(files))}, ...)'} by hand from "
+              f"{where}, check {pins}, put {what} into {dest}, or pass another folder as --{option}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        folder, listing = Path(tmp) / dest.name, ""
+        folder = Path(tmp) / dest.name
         folder.mkdir()
         for name, url in tqdm(files.items(), desc=f"download {dest.name}"):
-            h = hashlib.new(algorithm)
             try:
                 with urllib.request.urlopen(url, timeout=60) as r, open(folder / name, "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        h.update(chunk)
+                    shutil.copyfileobj(r, f, 1 << 20)
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; a cut-off body, IncompleteRead
                 raise UserError(f"could not download {name} ({e}); {manual}") from None
-            listing += f"{h.hexdigest()}  {name}\n"
-        got = h.hexdigest() if len(files) == 1 else hashlib.sha256(listing.encode()).hexdigest()
-        if got != digest:
-            raise UserError(f"the files are damaged or not the pinned ones ({algorithm} {got}, expected {digest}); "
-                            f"{manual}")
+        if isinstance(digest, dict):
+            bad = [name for name in files if file_digest(folder / name, "git") != digest[name]]
+        else:
+            listing = "".join(f"{file_digest(folder / name, algorithm)}  {name}\n" for name in files)
+            got = listing.split()[0] if len(files) == 1 else hashlib.sha256(listing.encode()).hexdigest()
+            bad = [] if got == digest else [f"{algorithm} {got}, expected {digest}"]
+        if bad:
+            raise UserError(f"the files are damaged or not the pinned ones ({', '.join(bad)}); {manual}")
         try:
             check(folder)  # a file that does not parse fails here, with its name and line
         except UserError as e:
             raise UserError(f"{str(e).replace(str(folder), str(dest))}; {manual}") from None
-        os.replace(folder, dest)
+        if dest.exists():  # new files for a folder that exists
+            for p in folder.iterdir():
+                os.replace(p, dest / p.name)
+        else:
+            os.replace(folder, dest)
 
 def fetch_missing(cfg):
-    """Download the default corpus, BLiMP and GLUE tasks where the options name them and they are missing."""
-    for option, files, digest, algorithm in (
-            ("data", {"train_10M.zip": CORPUS_URL}, CORPUS_MD5, "md5"),
-            ("blimp", {f"{p}.jsonl": f"{BLIMP_URL}/{p}.jsonl" for p in BLIMP_PARADIGMS}, BLIMP_SHA256, "sha256"),
-            ("finetune", {name: f"{GLUE_URL}/{name}" for name in GLUE_FILES}, GLUE_SHA256, "sha256")):
+    """Check the user's own paths, then download the default corpus, BLiMP and (Super)GLUE tasks where
+    the options name them and they are missing. Own paths first: a typo is reported at once, not after
+    a download."""
+    tasks = cfg.tasks.split(",") if cfg.tasks else [n.split(".")[0] for n in GLUE_BLOBS]
+    glue = {n: f"{GLUE_URL}/{n}" for n in GLUE_BLOBS
+            if n.split(".")[0] in tasks and not (Path(cfg.finetune) / n).exists()}
+    downloads = {"data": ({"train_10M.zip": CORPUS_URL}, CORPUS_MD5, "md5"),
+                 "blimp": ({f"{p}.jsonl": f"{BLIMP_URL}/{p}.jsonl" for p in BLIMP_PARADIGMS}, BLIMP_SHA256, "sha256"),
+                 "finetune": (glue, GLUE_BLOBS, "git")}
+    wanted = [o for o in downloads if getattr(cfg, o) == getattr(Config, o)
+              and (not Path(getattr(cfg, o)).exists() or o == "finetune" and glue)]
+    for option in ("data", "blimp", "supplement", "finetune"):
         path = getattr(cfg, option)
-        if path and path == getattr(Config, option) and not Path(path).exists():
-            download(path, files, digest, option, algorithm)
+        if path and option not in wanted and not Path(path).exists():
+            raise UserError(f"--{option} {path} does not exist")
+    if "data" not in wanted:
+        find_corpus(cfg.data)  # a folder without text stops the run before any download
+    for option in wanted:
+        download(getattr(cfg, option), *downloads[option][:2], option, downloads[option][2])
 
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
              "times.json", "concepts.json", "finetune.json"]
@@ -1508,13 +1600,17 @@ def parse_config(argv=None):
     cfg.out = cfg.out or f"runs/{preset}"
     problems = [f"--{name} {what}, got {getattr(cfg, name)}" for names, ok, what in LIMITS
                 for name in names.split() if not ok(getattr(cfg, name))]
-    if cfg.vocab_size < N_SPECIAL + 256:
-        problems.append(f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + 256 bytes)")
-    if cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers:
-        problems.append(f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}")
-    if cfg.seq_len < 3 or cfg.d_model % max(cfg.n_heads, 1) or cfg.pll not in ("word_l2r", "original"):
-        problems.append(f"--seq_len must be at least 3, --d_model ({cfg.d_model}) divisible by --n_heads "
-                        f"({cfg.n_heads}), --pll word_l2r or original")
+    problems += [what for failed, what in [
+        (cfg.vocab_size < N_SPECIAL + 256, f"--vocab_size must be at least {N_SPECIAL + 256} (4 special tokens + "
+                                           f"256 bytes), got {cfg.vocab_size}"),
+        (cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers,
+         f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}"),
+        (cfg.seq_len < 3, f"--seq_len must be at least 3 ([CLS], a token, [SEP]), got {cfg.seq_len}"),
+        (cfg.d_model % max(cfg.n_heads, 1), f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}"),
+        (cfg.pll not in ("word_l2r", "original"), f"--pll must be word_l2r or original, got {cfg.pll!r}"),
+        (cfg.dtype not in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32, got "
+                                                            f"{cfg.dtype!r}"),
+    ] if failed]
     if problems:
         raise UserError("; ".join(problems))
     return cfg
@@ -1548,6 +1644,22 @@ def join_processes(cfg):
         sys.stdout = open(os.devnull, "w")
     return device
 
+def step_dtype(name, device):
+    """--dtype -> the autocast dtype of a training step (float32: no autocast). subtle: a GPU without
+    bf16 units (T4, V100, RTX 20) emulates it slowly, so auto asks for native support only."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        name = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+def sync(device):
+    """Wait until the device has finished its queued work (a GPU runs behind the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
 def barrier():
     """Wait for every process (under torchrun; nothing otherwise)."""
     if dist.is_initialized():
@@ -1572,13 +1684,12 @@ def warn_if_slow(cfg, n_params, device):
 # --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json ---
 def wall(fn, device, repeat=1):
     """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync()
+    sync(device)
     return (time.perf_counter() - t0) / repeat
 
 def timed(fn):
@@ -1610,9 +1721,16 @@ def bench(cfg):
     device, out = pick_device(cfg.device), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, ckpt_every=10 ** 9, log_every=10 ** 9)  # no checkpoints, no syncs
-    r = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": cfg.preset}
-    squares = [torch.randn(n, n, device=device) for n in (1024, 2048, 4096)]  # the best: this machine's fp32 peak
-    r["matmul_GFLOPs"] = max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
+    dtype = step_dtype(cfg.dtype, device)
+    r = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": cfg.preset,
+         "step_dtype": str(dtype).removeprefix("torch.")}
+
+    def peak(dt):  # GFLOP/s of the best of three square matmuls: this machine's peak in dtype dt
+        squares = [torch.randn(n, n, device=device, dtype=dt) for n in (1024, 2048, 4096)]
+        return max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
+    r["matmul_GFLOPs"] = peak(torch.float32)
+    # MFU against the peak of the dtype the steps' matmuls run in (a half-precision peak is far higher)
+    r["step_peak_GFLOPs"] = r["matmul_GFLOPs"] if dtype == torch.float32 else peak(dtype)
     real = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
     if real:
         tok = Tokenizer.load(out / "tokenizer.json")
@@ -1633,8 +1751,8 @@ def bench(cfg):
         return train_loop(name, model, loss_fn, steps, cfg.lr, cfg, out, device)[1] / steps
 
     teacher = build_encoder(cfg, V).to(device)
-    sec = step_seconds("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device))
-    r["teacher_tokens_per_s"], r["teacher_MFU"] = tokens / sec, flops(teacher) / sec / (r["matmul_GFLOPs"] * 1e9)
+    r["teacher_step_s"] = sec = step_seconds("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device))
+    r["teacher_tokens_per_s"], r["teacher_MFU"] = tokens / sec, flops(teacher) / sec / (r["step_peak_GFLOPs"] * 1e9)
     if real:
         try:
             teacher.load_state_dict(load(out / "teacher.pt")["model"])
@@ -1651,13 +1769,15 @@ def bench(cfg):
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
     coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
     student = build_encoder(cfg, V, cfg.n_concepts).to(device)
-    sec = step_seconds("bench_student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device))
-    target_s = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
-    sec -= target_s  # the student's own step
-    r["student_tokens_per_s"], r["student_MFU"] = tokens / sec, flops(student) / sec / (r["matmul_GFLOPs"] * 1e9)
-    r["targets_over_student_step"] = target_s / sec
-    forward_s = wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3)
-    r["coder_share_of_targets"] = 1 - forward_s / target_s
+    mlsm_loss = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
+    mlsm_step_s = step_seconds("bench_student", student, mlsm_loss)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # as inside the step
+        r["targets_s"] = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
+    r["student_step_s"] = sec = mlsm_step_s - r["targets_s"]  # the student's own step
+    r["student_tokens_per_s"], r["student_MFU"] = tokens / sec, flops(student) / sec / (r["step_peak_GFLOPs"] * 1e9)
+    r["targets_over_student_step"] = r["targets_s"] / sec
+    forward_s = wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3)  # fp32, as in the targets
+    r["coder_share_of_targets"] = 1 - forward_s / r["targets_s"]
 
     # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
     X = normalise_states(torch.from_numpy(teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0])
