@@ -113,8 +113,14 @@ class Config:
     teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
     dict_tokens: int = opt(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
+    dict_jobs: int = opt(-1, "processes that sparse-code each minibatch of dictionary learning (-1: every core; "
+                         "below K x C of about a million, starting them costs more than they save)")
     center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
     mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    teacher: str = opt("separate", "where the concepts come from: separate (a teacher trained with MLM first, as in "
+                       "the papers) or self (the student's own states: the original's mode without an auxiliary model)")
+    self_every: float = opt(0.2, "--teacher self: share of the student's steps of plain MLM before its first "
+                            "dictionary, and between re-learnt ones (the original: 10,000 of 100,000 updates)")
     baseline: bool = opt(True, "also train an MLM student: same size, batches, masks, steps, schedule, seed")
     # evaluation and logging
     eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
@@ -127,7 +133,7 @@ class Config:
                      "into the default folder all seven of BabyLM's are downloaded)")
     finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
     finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
-    finetune_seeds: int = opt(3, "fine-tuning runs per task and model, with different seeds")
+    finetune_seeds: int = opt(2, "fine-tuning runs per task and model, with different seeds")
     pll: str = opt("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar et al. 2020)")
     curve_points: int = opt(12, "dev evaluations along each training run, for the learning curves")
     curve_pairs: int = opt(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
@@ -142,12 +148,12 @@ PRESETS = {
     # time (README's recipe search); a short head learns more at a higher head_lr.
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=192, n_layers=4, n_heads=4, dropout=0.0, batch_size=64,
                 lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=800, head_lr=3e-4, n_concepts=1024,
-                dict_tokens=24_000, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10, curve_pairs=4,
-                tasks="mrpc,rte", finetune_steps=100, finetune_seeds=2),
+                dict_tokens=24_000, dict_jobs=1, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10,
+                curve_pairs=4, tasks="mrpc,rte", finetune_steps=100),
     # Seconds, for smoke runs and tests.
     "tiny": dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0,
                  batch_size=64, lr=1e-3, mask_rate=0.15, teacher_steps=100, student_steps=100, head_steps=100,
-                 head_lr=1e-2, n_concepts=64, dict_tokens=4000, eval_rows=64, log_every=10,
+                 head_lr=1e-2, n_concepts=64, dict_tokens=4000, dict_jobs=1, eval_rows=64, log_every=10,
                  ckpt_every=50, blimp="", finetune=""),
 }
 
@@ -486,7 +492,9 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     time is not training time. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed.
     -> (totals, seconds, curve points)."""
     rank, world = shard() if parallel else (0, 1)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
+    # averages gradients over processes; --teacher self trains the token head, then the concept head
+    unused = cfg.teacher == "self"
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -512,6 +520,8 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         scaler.load_state_dict(ck.get("scaler", {}))
+        if "loss_state" in ck:  # a loss function that keeps state (--teacher self: its dictionary)
+            loss_fn.load_state_dict(ck["loss_state"])
         start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
         points = ck["curve"]
         print(f"{name}: resuming at step {start} of {steps}")
@@ -556,6 +566,7 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
         if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                       scaler=scaler.state_dict(), step=step + 1,
+                      **({"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}),
                       totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0, curve=points)
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
     if rank == 0 and steps in at_steps and not any(p["step"] == steps for p in points):
@@ -577,12 +588,15 @@ def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None)
     if path.exists():
         ck = load(path)
         model.load_state_dict(ck["model"])
+        if "loss_state" in ck:
+            loss_fn.load_state_dict(ck["loss_state"])
         model.eval()
         return model, ck["info"]
     totals, seconds, points = train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve)
     info = {"totals": totals, "seconds": seconds, "curve": points}
     if shard()[0] == 0:
-        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info}, f))
+        state = {"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}
+        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info, **state}, f))
         (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     return model, info
 
@@ -631,8 +645,8 @@ def normalise_states(h, mean):
     sparse problems are badly conditioned (3-8x slower to solve; see README)."""
     return F.normalize(h - mean, dim=-1)
 
-def learn_dictionary(X, cfg):
-    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows.
+def learn_dictionary(X, cfg, init=None):
+    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows; init: a dictionary to start from.
     Objective (scikit-learn's; the original's SPAMS trainDL minimises the same), over codes A >= 0 and D:
         min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
     subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
@@ -641,7 +655,8 @@ def learn_dictionary(X, cfg):
 
     dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
                                      fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
-                                     random_state=cfg.seed)
+                                     random_state=cfg.seed, n_jobs=cfg.dict_jobs,
+                                     dict_init=None if init is None else init.numpy())
     with warnings.catch_warnings():  # the inner lasso of a mini-batch may stop early: harmless for the
         warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary, and the codes we use come
         dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
@@ -672,6 +687,37 @@ def fista(X, D, lam, iters=100):
         A, t = A_next, t_next
     return A
 
+def active_set_one(x, D, lam, tol=1e-6):
+    """The exact code of one state x (C,) against D (K, C), written for reading: Lawson & Hanson's
+    active-set method for the non-negative least squares above. -> a (K,) >= 0.
+
+    S is the support, the atoms allowed to be non-zero. Two moves:
+      add:  the atom outside S along which the objective falls fastest (largest w = -gradient);
+      drop: when the minimiser z on the new S has a coefficient <= 0, step from a towards z only as
+            far as every coefficient stays >= 0, and drop the atoms that reached 0.
+    It stops when no atom outside S would lower the objective: the KKT conditions hold, a is optimal."""
+    G, b = D @ D.T, D @ x - lam  # (K, K), (K,): the quadratic and the linear term
+    a, S = torch.zeros(len(D), dtype=x.dtype), []
+    while len(S) < len(D):
+        w = b - G @ a  # (K,): the negative gradient
+        w[S] = -math.inf
+        k = int(w.argmax())
+        if w[k] <= tol:  # KKT: no atom outside S can lower the objective (on S the gradient is 0)
+            return a
+        S.append(k)
+        while True:
+            z = torch.zeros_like(a)
+            z[S] = torch.linalg.solve(G[S][:, S], b[S])  # the minimiser with support S
+            if (z[S] > 0).all():
+                a = z
+                break
+            ratio = {j: a[j] / (a[j] - z[j]) for j in S if z[j] <= 0}  # how far a may move towards z
+            t = min(ratio.values())
+            a = a + t * (z - a)
+            S = [j for j in S if ratio.get(j, math.inf) > t]
+            a[[j for j in ratio if j not in S]] = 0
+    return a
+
 @contextlib.contextmanager
 def full_fp32_matmuls():
     """fp32 matrix products in full fp32 inside the block, whatever was allowed outside it: TF32 on a
@@ -689,98 +735,95 @@ def full_fp32_matmuls():
             b.fp32_precision = precision
 
 class SparseCoder:
-    """Exact non-negative lasso codes of states X against a fixed dictionary D, in torch, batched
-    over rows: Lawson & Hanson's active-set method for the non-negative least squares above.
+    """The fast version of active_set_one: the same moves, for a batch of states at once, in torch.
 
-    Each row keeps a support S, the atoms allowed to be non-zero. On S, the minimiser z of the
-    objective solves G_SS z = (x D^T - lam)_S. With w = (x - a D) D^T - lam the negative gradient,
-    a round makes one of two moves in every row:
-      drop: if some z_k <= 0, move a towards z until the first coefficient hits 0; drop it from S;
-      add:  else a = z; if some atom outside S has w_k > 0, add the one with the largest to S --
-            and if none has, a is optimal (the KKT conditions hold) and the row is done.
-    Codes have ~13 non-zeros in the CPU preset (~30 from a teacher trained longer), so a row needs tens of
-    rounds of small solves (README: how many), and ends at the optimum.
-    Why not FISTA: teacher states make the problem badly conditioned, and 100 FISTA steps stop far
-    from the optimum (a 7% objective gap on real states, see README).
+    Gram space: with b = x D^T - lam computed once per state and G = D D^T once per dictionary, the
+    negative gradient at a code a with support S is w = b - a G, a sum of |S| rows of G (an
+    embedding_bag), never a product with D. The small systems G_SS z = b_S are solved in float32
+    with one step of iterative refinement, so a consumer GPU runs them at its fp32 rate.
 
-    Bookkeeping, kept out of the moves' way: S lives in a few slots per row, doubled on a fixed
-    schedule up to `slots` (by default `rounds`: a round adds at most one atom, so a code is never cut
-    short by slots); every round is the same batched work whatever the data, so a GPU runs all
+    Bookkeeping, kept out of the moves' way: S lives in `slots` per row (one more each round: a round
+    adds at most one atom); every round is the same batched work whatever the data, so a GPU runs all
     `rounds` without once waiting to be told which rows are done (done rows stay where they are). On
-    the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
+    the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default). On Apple's MPS,
+    where this batched LU has not been tried, the small systems go to the CPU (`host_solve`), one
+    wait per round.
 
-    subtle: learned dictionaries hold near-duplicate atoms (cosine 0.9997), which make G_SS badly
-    conditioned (7e3 in a real batch), so the small solves run in float64. Apple's MPS has no
-    float64: there the coder keeps float32 (`host_solve`) and sends each round's small systems to
-    the CPU to be solved in float64 -- one wait per round, but exact codes."""
+    subtle: learned dictionaries hold near-duplicate atoms, which make G_SS badly conditioned; the
+    refinement step recovers the digits that float32 elimination loses (tested against float64)."""
 
-    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None):
-        self.D, self.lam, self.rounds, self.slots = D, lam, rounds, slots or rounds  # D (K, C)
+    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None, tol=1e-6):
+        self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
-        self.dtype = torch.float32 if self.host_solve else torch.float64
         with full_fp32_matmuls():
-            self.G = D.to(self.dtype) @ D.to(self.dtype).T  # (K, K)
+            self.G = D @ D.T  # (K, K)
 
     def solve(self, M, b):
-        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s); float64 on the device, or on the CPU."""
+        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s): LU in float32, then one step
+        of iterative refinement, z += M^-1 (b - M z)."""
+        dev = b.device
         if self.host_solve:
-            return torch.linalg.solve_ex(M.cpu().double(), b.cpu().double()).result.to(b.device, b.dtype)
-        return torch.linalg.solve_ex(M, b).result
-
-    @staticmethod
-    def support(idx, on, K):
-        """Slots (n, s) -> (n, K) bool, True for the atoms in S. subtle: a free slot may still name
-        an atom that is back in S in another slot, so scatter_add: with scatter_, the free slot's
-        False could overwrite the True, and the atom would enter S twice (a singular G_SS)."""
-        return torch.zeros(len(idx), K, device=idx.device).scatter_add_(1, idx, on.float()) > 0
+            M, b = M.cpu(), b.cpu()
+        LU, pivots, _ = torch.linalg.lu_factor_ex(M)
+        z = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1))  # (n, s, 1)
+        z = z + torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1) - M @ z)
+        return z.squeeze(-1).to(dev)
 
     @torch.no_grad()
     @full_fp32_matmuls()
     def encode(self, X):
         """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds`
         rounds or `slots` atoms were not enough (that code is feasible but not optimal)."""
-        D, G, (K, C), dev = self.D, self.G, self.D.shape, X.device
-        N = len(X)
-        XD = X @ D.T  # (N, K)
-        idx = torch.zeros(N, 4, dtype=torch.long, device=dev)  # (N, s) atom in each slot
-        on = torch.zeros(N, 4, dtype=torch.bool, device=dev)  # (N, s) slot in S
-        a = torch.zeros(N, 4, dtype=self.dtype, device=dev)  # (N, s) coefficient in each slot
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        live = torch.arange(N, device=dev) if self.shrink else slice(None)  # rows worked on (all: views, no copies)
-        for r in range(self.rounds):
+        G, K, dev, N = self.G, len(self.D), X.device, len(X)
+        A, solved = torch.zeros(N, K, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
+        rows = torch.arange(N, device=dev)  # (n,) the rows still worked on
+        b = X @ self.D.T - self.lam  # (n, K): the linear term of each row
+        idx = torch.zeros(N, 0, dtype=torch.long, device=dev)  # (n, s) atom in each slot
+        on = torch.zeros(N, 0, dtype=torch.bool, device=dev)  # (n, s) slot in S
+        a = torch.zeros(N, 0, device=dev)  # (n, s) coefficient in each slot
+        G_SS = torch.zeros(N, 0, 0, device=dev)  # (n, s, s) G between the slots' atoms, kept up to date
+        for _ in range(self.rounds):
+            if idx.shape[1] < self.slots:  # one more slot: a round adds at most one atom
+                idx, on, a = (torch.cat([t, t.new_zeros(len(t), 1)], 1) for t in (idx, on, a))
+                G_SS = F.pad(G_SS, (0, 1, 0, 1))
             s = idx.shape[1]
-            if r >= s and s < self.slots:  # |S| <= r: slots grow on a schedule, not on the data
-                idx, on, a = (torch.cat([t, torch.zeros_like(t)], 1) for t in (idx, on, a))
-                s *= 2
-            Il, ol, al = idx[live], on[live], a[live]  # (n, s) each
-            # z: the least-squares solution on S, G_SS z = (x D^T - lam)_S (free slots solve z = 0)
-            G_SS = G.view(-1)[Il.unsqueeze(2) * K + Il.unsqueeze(1)]  # (n, s, s); flat index: faster
-            eye = torch.eye(s, device=dev, dtype=self.dtype)
-            b = torch.where(ol, XD[live].gather(1, Il).to(self.dtype) - self.lam, 0)  # (n, s)
-            z = self.solve(torch.where(ol.unsqueeze(2) & ol.unsqueeze(1), G_SS, eye), b)  # (n, s)
+            # z: the minimiser on S, G_SS z = b_S (free slots solve z = 0)
+            both = on.unsqueeze(2) & on.unsqueeze(1)
+            z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)), torch.where(on, b.gather(1, idx), 0))
             # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
-            bad = ol & (z <= 0)  # (n, s)
-            ratio = torch.where(bad, al / (al - z), math.inf)
+            bad = on & (z <= 0)  # (n, s)
+            ratio = torch.where(bad, a / (a - z), math.inf)
             step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
-            ol = ol & ~(bad & (ratio <= step))
-            al = torch.where(ol, al + step * (z - al), 0)
-            # add: the atom outside S with the largest negative gradient w, through the residual x - a D
-            A = torch.zeros(len(Il), K, device=dev).scatter_add_(1, Il, al.float())  # (n, K); free slots add 0
-            w = (X[live] - A @ D) @ D.T - self.lam  # (n, K)
-            best, new = w.masked_fill(self.support(Il, ol, K), -math.inf).max(1)  # (n,)
+            on = on & ~(bad & (ratio <= step))
+            a = torch.where(on, a + step * (z - a), 0)
+            # add: the atom outside S with the largest w = b - a G (free slots add 0 rows of G)
+            aG = F.embedding_bag(idx, G, per_sample_weights=a, mode="sum")  # (n, K)
+            w = torch.sub(b, aG, out=aG)  # (n, K), in place: the largest tensor of a round
+            # subtle: atoms in S are masked with a min-reduction, because a free slot may still name
+            # an atom that is back in S in another slot (a plain scatter could unmask it)
+            w.scatter_reduce_(1, idx, torch.where(on, -math.inf, math.inf), reduce="amin")
+            best, new = w.max(1)  # (n,)
             optimal_on_S = ~bad.any(1)
-            add = optimal_on_S & (best > 1e-6) & ~ol.all(1)
-            rows, free = torch.arange(len(Il), device=dev), (~ol).to(torch.int8).argmax(1)  # first free slot
-            Il[rows, free] = torch.where(add, new, Il[rows, free])
-            ol[rows, free] |= add
-            finished = optimal_on_S & (best <= 1e-6)  # KKT: no atom outside S would lower the objective
-            idx[live], on[live], a[live], done[live] = Il, ol, al, finished
-            if self.shrink:
-                live = live[~finished]
-                if len(live) == 0:
+            add = optimal_on_S & (best > self.tol) & ~on.all(1)
+            n, free = torch.arange(len(idx), device=dev), (~on).to(torch.int8).argmax(1)  # first free slot
+            idx[n, free] = torch.where(add, new, idx[n, free])
+            on[n, free] |= add
+            g = G.view(-1)[idx[n, free].unsqueeze(1) * K + idx]  # (n, s): the new atom's row of G_SS
+            G_SS[n, free] = torch.where(add.unsqueeze(1), g, G_SS[n, free])
+            G_SS[n, :, free] = G_SS[n, free]
+            finished = optimal_on_S & (best <= self.tol)  # KKT: no atom outside S would lower the objective
+            if self.shrink and finished.any():  # finished rows leave: write out their codes
+                A[rows[finished]] = A.new_zeros(int(finished.sum()), K).scatter_add_(1, idx[finished], a[finished])
+                solved[rows[finished]] = True
+                keep = ~finished
+                rows, b, idx, on, a, G_SS, finished = (t[keep] for t in (rows, b, idx, on, a, G_SS, finished))
+                if len(rows) == 0:
                     break
-        return torch.zeros(N, K, device=dev).scatter_add_(1, idx, a.float()), done
+        if len(rows):  # the rows still there (on a GPU: all of them)
+            A[rows] = A.new_zeros(len(rows), K).scatter_add_(1, idx, a)
+            solved[rows] = finished
+        return A, solved
 
     def objective(self, X, A):
         """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
@@ -807,11 +850,7 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
         D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
         Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-        X = normalise_states(torch.from_numpy(Hd), mean)
-        A, solved = SparseCoder(D, cfg.lam, cfg.coder_rounds).encode(X)
-        nnz = (A > 0).sum(-1).float()
-        info = {"rel_error": float(((X - A @ D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
-                "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum()),
+        info = {**code_quality(SparseCoder(D, cfg.lam, cfg.coder_rounds), normalise_states(torch.from_numpy(Hd), mean)),
                 "seconds": time.time() - t0}
         atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
     barrier()
@@ -821,6 +860,14 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         print(f"warning: {info['unsolved']} held-out codes were not solved within --coder_rounds {cfg.coder_rounds}; "
               f"such masked tokens get no target in the student's training: raise --coder_rounds", file=sys.stderr)
     return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), info
+
+def code_quality(coder, X):
+    """How well a dictionary codes normalised states X (N, C): relative reconstruction error, mean
+    non-zeros, the share of all-zero codes and the number of codes left unsolved."""
+    A, solved = coder.encode(X)
+    nnz = (A > 0).sum(-1).float()
+    return {"rel_error": float(((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
+            "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum())}
 
 @torch.no_grad()
 def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
@@ -889,14 +936,113 @@ def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
     return curve
 
 def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, device):
+    """-> (student, info, loss_fn): the student trained with MLSM on the teacher's concepts, or with
+    --teacher self (teacher None) on its own (loss_fn then holds its last dictionary)."""
     student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
     print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
-    if not cfg.mlm_weight:  # subtle: the token head gets no gradient; DistributedDataParallel needs to know
+    if not cfg.mlm_weight and teacher is not None:  # subtle: the token head gets no gradient; DDP must know
         for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
             p.requires_grad_(False)
-    curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device) if shard()[0] == 0 else None
-    return train_or_load("student", student, make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device),
-                         cfg.student_steps, cfg.lr, cfg, out, device, curve)
+    if teacher is None:
+        loss_fn = SelfConcepts(student, rows, cfg, device)
+        curve = self_curve(student, loss_fn, dev_rows, cfg, device)
+    else:
+        loss_fn = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
+        curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device)
+    return (*train_or_load("student", student, loss_fn, cfg.student_steps, cfg.lr, cfg, out, device,
+                           curve if shard()[0] == 0 else None), loss_fn)
+
+class SelfConcepts:
+    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model, the student's own states
+    the source of its concepts (the original's mode with a negative --dict_file; Berend 2024: signals
+    "from the hidden representations of the student model"). Plain MLM until the first dictionary;
+    every `every` steps a dictionary is learned, warm-started from the last one, from the states at
+    the masked positions of the steps just before; from then on the targets of a step are the codes
+    of the student's own states (block teacher_layer, detached) at the masked positions of that same
+    forward pass. Ours: the original learns after 10,000 and every 10,000 of its 100,000 updates,
+    from its last 200 batches; our presets train a few thousand steps, so the schedule is a share.
+
+    subtle: the states are the training step's own (in its autocast dtype on a GPU), for the targets
+    and for the dictionaries alike. state_dict() is saved in the checkpoints, so a resumed run goes
+    on with the same dictionary and collected states."""
+
+    def __init__(self, student, rows, cfg, device):
+        self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
+        self.every = max(1, round(cfg.self_every * cfg.student_steps))
+        per_step = cfg.batch_size * max(1, round(cfg.mask_rate * (cfg.seq_len - 2)))
+        self.window = math.ceil(cfg.dict_tokens / per_step)  # steps whose states a dictionary is learned from
+        self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
+
+    def state_dict(self):
+        return {"states": self.states, "D": self.D, "mean": self.mean, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.states, self.D, self.mean, self.seconds = state["states"], state["D"], state["mean"], state["seconds"]
+        self.coder = None if self.D is None else SparseCoder(self.D.to(self.device), self.cfg.lam,
+                                                             self.cfg.coder_rounds)
+
+    def states_of(self, h, x, pos):
+        """The concept layer's states at the masked positions (M, C), detached."""
+        if self.cfg.teacher_layer == -1:
+            return h.detach().float()
+        with torch.no_grad():
+            return self.student(x, layer=self.cfg.teacher_layer, pos=pos).float()
+
+    def relearn(self):
+        """A dictionary from the collected states: learned on rank 0, sent to every process."""
+        t0, H = time.time(), torch.cat(self.states)  # (N, C)
+        mean = H.mean(0) if self.cfg.center else torch.zeros(H.shape[1])  # (C,)
+        if shard()[0] == 0:
+            D = learn_dictionary(normalise_states(H, mean).numpy(), self.cfg, self.D)
+        else:
+            D = torch.empty(self.cfg.n_concepts, H.shape[1])
+        if dist.is_initialized():
+            D = D.to(self.device)
+            dist.broadcast(D, 0)
+        self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean, "seconds": self.seconds + time.time() - t0})
+
+    def __call__(self, net, step):
+        cfg, student = self.cfg, self.student
+        if step % self.every == 0 and self.states:
+            self.relearn()
+        ids, x, pos = get_batch(self.rows, cfg, 2, step, self.device)  # (B, T), (B, T), (B, m)
+        h = net(x, pos=pos)  # (M, C)
+        if step % self.every >= self.every - self.window and step + 1 < cfg.student_steps:  # for the next dictionary
+            states = self.states_of(h, x, pos)
+            if dist.is_initialized():  # every process collects the whole batch's states
+                every = torch.empty(len(states) * dist.get_world_size(), states.shape[1], device=states.device)
+                dist.all_gather_into_tensor(every, states)
+                states = every
+            self.states.append(states.cpu())
+        y, extras = at(ids, pos), {"masked": count(pos)}
+        if self.coder is None:  # before the first dictionary: plain MLM
+            return mlm_loss(student.mlm_logits(h), y), extras
+        with torch.autocast(self.device.type, enabled=False):
+            A, solved = self.coder.encode(normalise_states(self.states_of(h, x, pos), self.mean.to(h.device)))
+        p, has_mass = code_distribution(A)  # (M, K), (M,)
+        loss = concept_kl(student.concept_logits(h), p * solved[:, None])
+        if cfg.mlm_weight:
+            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), y)
+        return loss, {**extras, "zero_codes": (~has_mass).sum(), "unsolved_codes": (~solved).sum()}
+
+def self_curve(student, loss_fn, dev_rows, cfg, device):
+    """Learning curve of a --teacher self student, at the fixed dev masks: its KL to the concepts of its
+    own states under its current dictionary, and how alike its states are -- the norm of their mean
+    direction, 1 when every state points the same way (a collapse would show here)."""
+    batches = dev_batches(dev_rows, cfg, device)
+
+    def curve():
+        kl, n, direction = 0.0, 0, 0.0
+        for _, x, pos in batches:
+            h = student(x, pos=pos)  # (M, C)
+            direction = direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
+            n += len(h)
+            if loss_fn.coder is not None:
+                X = normalise_states(loss_fn.states_of(h, x, pos), loss_fn.mean.to(device))
+                A, solved = loss_fn.coder.encode(X)
+                kl += float(concept_kl(student.concept_logits(h), code_distribution(A)[0] * solved[:, None])) * len(h)
+        return {"state_alignment": float(direction.norm()) / n, **({"dev_kl": kl / n} if loss_fn.coder else {})}
+    return curve
 
 # --- Stage 6: frozen backbone + linear token head (BabyLM 2024) -----------------------------------
 def freeze(model):
@@ -1145,8 +1291,9 @@ def report(results):
         print(f"{name:<21}" + "".join(f"{row[i]:>{widths[i]}}" for i in shown))
     print(f"dev: masked tokens of the same {c['eval_rows']} dev rows for every model; minimal pairs: macro average "
           f"over paradigms, ties count as wrong; fine-tuning: validation accuracy, mean ± std over "
-          f"{c['finetune_seeds']} seeds; MLSM rows also need the teacher and dictionary "
-          f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)")
+          f"{c['finetune_seeds']} seeds; " + ("MLSM rows also need the teacher and dictionary "
+          f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)" if c["teacher"] != "self" else
+          "--teacher self: no teacher, the student's own dictionaries are part of its time"))
     for t in tasks:
         f1 = "; ".join(f"{m} {r['finetune'][t]['f1']['mean']:.3f} ± {r['finetune'][t]['f1']['std']:.3f}"
                        for m, r in models.items() if "f1" in r.get("finetune", {}).get(t, {}))
@@ -1170,8 +1317,11 @@ def report(results):
     chart(curves, "dev_loss", f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram "
                               f"{models['unigram']['dev_loss']:.3f})")
     chart(curves, "BLiMP", f"learning curves: BLiMP, first {c['curve_pairs']} pairs per paradigm")
+    source = "its own" if c["teacher"] == "self" else "the teacher's"
     chart({"MLSM student": results["curves"]["MLSM student"]}, "dev_kl",
-          "learning curve: student's dev KL to the teacher's concepts")
+          f"learning curve: student's dev KL to {source} concepts")
+    chart({"MLSM student": results["curves"]["MLSM student"]}, "state_alignment",
+          "learning curve: norm of the student's mean state direction at the dev masks (1: every state alike)")
     print("=" * 100)
 
 # --- The pipeline: run() chains the stages --------------------------------------------------------
@@ -1227,9 +1377,22 @@ def run(cfg):
     warn_if_slow(cfg, sum(p.numel() for p in build_encoder(cfg, V).parameters()), device)
 
     # 3-6: teacher, concepts, student, head, and the MLM baseline (salt 2: the student's batches and masks)
-    teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, curve)
-    coder, mean, dict_info = learn_concepts(cfg, freeze(teacher), train_rows, dev_rows, out, device)
-    student, student_info = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out, device)
+    if cfg.teacher == "self":  # no teacher: the student's own states give its concepts
+        teacher, teacher_info, coder, mean = None, {"seconds": 0.0}, None, None
+    else:
+        teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, curve)
+        coder, mean, dict_info = learn_concepts(cfg, freeze(teacher), train_rows, dev_rows, out, device)
+    student, student_info, student_loss = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out,
+                                                        device)
+    if teacher is None:  # from here on the student is its own teacher, with its last dictionary
+        if student_loss.coder is None:
+            raise UserError(f"--teacher self learned no dictionary in {cfg.student_steps} student steps: raise "
+                            f"--student_steps or lower --self_every")
+        teacher, coder, mean = student, student_loss.coder, student_loss.mean.to(device)
+        with torch.no_grad():  # the dictionary's quality on the student's states at the dev masks
+            X = torch.cat([normalise_states(student_loss.states_of(student(x, pos=pos), x, pos), mean)
+                           for _, x, pos in dev_batches(dev_rows, cfg, device)])
+        dict_info = {**code_quality(coder, X), "seconds": 0.0, "in_student_seconds": student_loss.seconds}
     head, head_info = train_head(cfg, student, train_rows, V, out, device, curve)
     if cfg.baseline:
         baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device, curve)
@@ -1245,8 +1408,9 @@ def run(cfg):
     for c in concepts[:8]:
         print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): "
               + " | ".join(e["context"] for e in c["examples"][:3]))
-    models = {"unigram": {"seconds": None}, "teacher (MLM)": {"seconds": teacher_info["seconds"]}}
-    scorers = {"unigram": unigram_scorer(train_rows, V, device), "teacher (MLM)": mlm_scorer(teacher)}
+    models, scorers = {"unigram": {"seconds": None}}, {"unigram": unigram_scorer(train_rows, V, device)}
+    if cfg.teacher != "self":
+        models["teacher (MLM)"], scorers["teacher (MLM)"] = {"seconds": teacher_info["seconds"]}, mlm_scorer(teacher)
     if cfg.baseline:
         models["MLM baseline"] = {"seconds": baseline_info["seconds"]}
         scorers["MLM baseline"] = mlm_scorer(baseline)
@@ -1575,7 +1739,7 @@ LIMITS = [
     ("seq_len d_model n_layers n_heads batch_size n_concepts dict_tokens coder_rounds eval_rows log_every ckpt_every "
      "finetune_seeds curve_points", lambda v: v >= 1, "must be at least 1"),
     ("lr head_lr lam finetune_lr clip", lambda v: v > 0, "must be positive"),
-    ("mask_rate beta2", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("mask_rate beta2 self_every", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("dropout dev_fraction warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
 ]
 
@@ -1606,8 +1770,10 @@ def parse_config(argv=None):
         (cfg.teacher_layer != -1 and not 1 <= cfg.teacher_layer <= cfg.n_layers,
          f"--teacher_layer must be -1 or in 1..{cfg.n_layers}, got {cfg.teacher_layer}"),
         (cfg.seq_len < 3, f"--seq_len must be at least 3 ([CLS], a token, [SEP]), got {cfg.seq_len}"),
+        (cfg.dict_jobs == 0 or cfg.dict_jobs < -1, f"--dict_jobs must be -1 or at least 1, got {cfg.dict_jobs}"),
         (cfg.d_model % max(cfg.n_heads, 1), f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}"),
         (cfg.pll not in ("word_l2r", "original"), f"--pll must be word_l2r or original, got {cfg.pll!r}"),
+        (cfg.teacher not in ("separate", "self"), f"--teacher must be separate or self, got {cfg.teacher!r}"),
         (cfg.dtype not in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32, got "
                                                             f"{cfg.dtype!r}"),
     ] if failed]
@@ -1717,6 +1883,7 @@ def bench(cfg):
     teacher and dictionary of a finished run in --out, the coder's problems are the real ones."""
     import resource
     from sklearn.decomposition import sparse_encode
+    from sklearn.exceptions import ConvergenceWarning
 
     device, out = pick_device(cfg.device), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1783,12 +1950,17 @@ def bench(cfg):
     X = normalise_states(torch.from_numpy(teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0])
                          .to(device), mean)
     r["coder_s"] = wall(lambda: coder.encode(X), device, 3)
-    ref, r["sparse_encode_s"] = timed(lambda: sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(),
-                                                            algorithm="lasso_cd", alpha=cfg.lam, positive=True))
+    with warnings.catch_warnings():  # scikit-learn's default tolerance: the reference may stop a little short
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref, r["sparse_encode_s"] = timed(lambda: sparse_encode(X.cpu().numpy(), coder.D.cpu().numpy(),
+                                                                algorithm="lasso_cd", alpha=cfg.lam, positive=True))
     r["coder_speedup"] = r["sparse_encode_s"] / r["coder_s"]
     A, solved = coder.encode(X)
     gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
     r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
+    # how many rounds these states need: the share of codes solved within n rounds
+    r["coder_solved_within_rounds"] = {n: float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float().mean())
+                                       for n in (8, 16, 24, 32, 40, 48, 64)}
     if Path(cfg.data).exists():  # the tokenizer
         texts = read_corpus(cfg)[0]
         bpe, r["bpe_train_s"] = timed(lambda: Tokenizer.train(texts, cfg.vocab_size))

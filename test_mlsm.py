@@ -652,12 +652,12 @@ def test_sparse_coder_matches_sklearn(K, shrink):
     torch.testing.assert_close(A, ref, atol=1e-3, rtol=0)
 
 
-def test_sparse_coder_without_float64_is_exact_on_near_duplicate_atoms():
-    """The MPS path (no float64 on the device: float32 there, small solves in float64 on the CPU),
-    run here on the CPU, on a dictionary with near-duplicate atoms like learned ones (cosine
-    0.9997 and closer), with states that use both atoms of a pair, against a tight float64
-    sparse_encode: worst relative gap 1e-5. (Measured here: 1e-9; float32 solves reached 1e-8 on
-    these problems too, so this shows the path is exact, not that float32 alone would fail.)"""
+@pytest.mark.parametrize("host_solve", [False, True])
+def test_sparse_coder_in_float32_is_exact_on_near_duplicate_atoms(host_solve):
+    """No float64 anywhere in the coder (float32 solves with one refinement step; host_solve: the
+    small systems solved on the CPU, as on Apple's MPS), on a dictionary with near-duplicate atoms
+    like learned ones (cosine 0.9997 and closer), with states that use both atoms of a pair,
+    against a tight float64 sparse_encode: worst relative gap within 1e-5."""
     X, D = anisotropic_problem(120, 64, 24, 7)
     g = torch.Generator().manual_seed(1)
     twins = F.normalize(D[:16] + 0.003 * torch.randn(16, 24, generator=g), dim=-1)
@@ -665,8 +665,8 @@ def test_sparse_coder_without_float64_is_exact_on_near_duplicate_atoms():
     assert (D[:16] * twins).sum(-1).min() > 0.9997
     w = torch.rand(120, 16, generator=g) * (torch.rand(120, 16, generator=g) < 0.2)  # (N, 16) mixtures
     X = F.normalize(X + 3 * (w @ D[:16] + w.roll(1, 1) @ twins), dim=-1)
-    coder = mlsm.SparseCoder(D, 0.05, host_solve=True)
-    assert coder.dtype == torch.float32 and coder.G.dtype == torch.float32
+    coder = mlsm.SparseCoder(D, 0.05, host_solve=host_solve)
+    assert coder.G.dtype == torch.float32
     A, solved = coder.encode(X)
     ref = torch.from_numpy(sparse_encode(X.double().numpy(), D.double().numpy(), algorithm="lasso_cd",
                                          alpha=0.05, positive=True, max_iter=100000))
@@ -753,12 +753,16 @@ def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
     assert info["unsolved"] == 0 and "warning" not in capsys.readouterr().err
 
 
-def test_support_counts_an_atom_in_a_used_slot_even_if_a_free_slot_names_it():
-    # row 0: atom 5 was dropped from slot 2 and came back in slot 0 (the case a real run hit)
-    idx = torch.tensor([[5, 7, 5, 9], [1, 2, 3, 4]])
-    on = torch.tensor([[True, True, False, False], [False, True, False, True]])
-    support = mlsm.SparseCoder.support(idx, on, 10)
-    assert support[0].nonzero().squeeze(1).tolist() == [5, 7] and support[1].nonzero().squeeze(1).tolist() == [2, 4]
+def test_batched_coder_gives_the_codes_of_the_one_state_reference():
+    """SparseCoder is active_set_one made fast: the same codes, row by row, on the CPU's path (rows
+    leave when done) and on a GPU's (every row for every round)."""
+    X, D = anisotropic_problem(30, 64, 16, 11)
+    one = torch.stack([mlsm.active_set_one(x.double(), D.double(), 0.05) for x in X]).float()
+    assert (one > 0).sum(1).float().mean() > 4
+    for shrink in (True, False):
+        A, solved = mlsm.SparseCoder(D, 0.05, shrink=shrink).encode(X)
+        assert solved.all()
+        torch.testing.assert_close(A, one, atol=1e-5, rtol=0)
 
 
 def test_fista_reaches_the_exact_codes_but_not_in_the_originals_100_steps():
@@ -877,6 +881,84 @@ def test_joint_loss_adds_weighted_token_cross_entropy():
     torch.testing.assert_close(joint, pure + 0.5 * ce)
 
 
+def self_student(steps, every, monkeypatch=None):
+    """A --teacher self student of the tiny preset and its loss function, on random rows."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--teacher", "self", "--n_concepts", "16", "--dict_tokens", "1200",
+                             "--student_steps", str(steps), "--self_every", str(every)])
+    torch.manual_seed(0)
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (200, cfg.seq_len))
+    student = mlsm.build_encoder(cfg, 300, 16)
+    return cfg, rows, student, mlsm.SelfConcepts(student, rows, cfg, torch.device("cpu"))
+
+
+def test_self_mode_trains_mlm_first_then_relearns_its_dictionary_at_the_interval(monkeypatch):
+    """--teacher self: plain MLM for the first share of steps; a dictionary at every multiple of it,
+    from the states of the steps just before (enough for --dict_tokens), warm-started after the first."""
+    cfg, rows, student, loss_fn = self_student(40, 0.25)
+    learned, real, now = [], mlsm.learn_dictionary, {}
+    monkeypatch.setattr(mlsm, "learn_dictionary",
+                        lambda X, cfg, init=None: learned.append((now["step"], len(X), init is None)) or real(X, cfg, init))
+    for step in range(40):
+        now["step"] = step
+        loss, extras = loss_fn(student, step)
+        if step < 10:
+            ids, x, pos = mlsm.get_batch(rows, cfg, 2, step, torch.device("cpu"))
+            mlm = F.cross_entropy(student.mlm_logits(student(x, pos=pos)), mlsm.at(ids, pos))
+            torch.testing.assert_close(loss, mlm)
+            assert "unsolved_codes" not in extras
+        else:
+            assert "unsolved_codes" in extras and extras["unsolved_codes"] == 0
+    per_step = cfg.batch_size * round(cfg.mask_rate * (cfg.seq_len - 2))  # 256 masked states a step
+    assert learned == [(10, 5 * per_step, True), (20, 5 * per_step, False), (30, 5 * per_step, False)]
+
+
+def test_self_targets_are_the_codes_of_the_students_own_states_and_carry_no_gradient():
+    """After its first dictionary, a step's targets are the codes of the student's own states at the
+    masked positions of that same forward pass, as constants: the loss and its gradients equal
+    F.kl_div against those codes computed apart and detached."""
+    cfg, rows, student, loss_fn = self_student(40, 0.25)
+    for step in range(10):
+        loss_fn(student, step)
+    loss = loss_fn(student, 10)[0]  # the first dictionary is learned here, before the forward pass
+    assert loss_fn.coder is not None
+    grads = torch.autograd.grad(loss, list(student.concept_head.parameters()) + [student.tok_emb.weight])
+    ids, x, pos = mlsm.get_batch(rows, cfg, 2, 10, torch.device("cpu"))
+    h = student(x, pos=pos)  # (M, C)
+    with torch.no_grad():
+        A, solved = mlsm.SparseCoder(loss_fn.D, cfg.lam).encode(mlsm.normalise_states(h, loss_fn.mean))
+    p = mlsm.code_distribution(A)[0] * solved[:, None]
+    ref = F.kl_div(F.log_softmax(student.concept_logits(h), -1), p, reduction="batchmean")
+    torch.testing.assert_close(loss, ref)
+    ref_grads = torch.autograd.grad(ref, list(student.concept_head.parameters()) + [student.tok_emb.weight])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert (A > 0).sum(1).float().mean() > 1
+
+
+def test_self_mode_resumes_to_the_uninterrupted_result(grammar_corpus, tmp_path, monkeypatch):
+    """Interrupted after the checkpoint at step 50, while states for its next dictionary are being
+    collected: the resumed run has the same numbers and weights as one never interrupted."""
+    args = ["--teacher", "self", "--no-baseline"]
+    whole = mlsm.main(tiny_args(grammar_corpus, tmp_path / "whole", *args))
+    real, calls = mlsm.SelfConcepts.__call__, {"n": 0}
+
+    def interrupted(self, net, step):
+        if step == 55:
+            raise KeyboardInterrupt
+        return real(self, net, step)
+    monkeypatch.setattr(mlsm.SelfConcepts, "__call__", interrupted)
+    with pytest.raises(SystemExit):
+        mlsm.main(tiny_args(grammar_corpus, tmp_path / "cut", *args))
+    ck = torch.load(tmp_path / "cut" / "student.ckpt.pt")
+    assert ck["step"] == 50 and ck["loss_state"]["D"] is not None and len(ck["loss_state"]["states"]) > 0
+    monkeypatch.setattr(mlsm.SelfConcepts, "__call__", real)
+    resumed = mlsm.main(tiny_args(grammar_corpus, tmp_path / "cut", *args))
+    assert drop_times(resumed) == drop_times(whole) and "teacher (MLM)" not in whole["models"]
+    for name in ("student", "head"):
+        a, b = (torch.load(tmp_path / d / f"{name}.pt")["model"] for d in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def drop_times(results):
     r = json.loads(json.dumps(results))
     r["seconds"] = r["mlsm_needs"] = None
@@ -886,6 +968,7 @@ def drop_times(results):
     for m in r["models"].values():
         m.pop("seconds", None)
     r["dictionary"].pop("seconds")
+    r["dictionary"].pop("in_student_seconds", None)
     r["config"]["out"] = None
     return r
 
