@@ -114,7 +114,7 @@ class Config:
     dict_tokens: int = opt(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
     dict_jobs: int = opt(-1, "processes that sparse-code each minibatch of dictionary learning (-1: every core; "
-                         "below K x C of about a million, starting them costs more than they save)")
+                         "on small problems starting them costs more than they save)")
     center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
     mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
     teacher: str = opt("separate", "where the concepts come from: separate (a teacher trained with MLM first, as in "
@@ -1959,8 +1959,8 @@ def bench(cfg):
     gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
     r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
     # how many rounds these states need: the share of codes solved within n rounds
-    r["coder_solved_within_rounds"] = {n: float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float().mean())
-                                       for n in (8, 16, 24, 32, 40, 48, 64)}
+    r["coder_solved_within_rounds"] = {str(n): round(float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float()
+                                                           .mean()), 4) for n in (8, 16, 24, 32, 40, 48, 64)}
     if Path(cfg.data).exists():  # the tokenizer
         texts = read_corpus(cfg)[0]
         bpe, r["bpe_train_s"] = timed(lambda: Tokenizer.train(texts, cfg.vocab_size))
