@@ -492,9 +492,7 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     time is not training time. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed.
     -> (totals, seconds, curve points)."""
     rank, world = shard() if parallel else (0, 1)
-    # averages gradients over processes; --teacher self trains the token head, then the concept head
-    unused = cfg.teacher == "self"
-    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
     net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -1016,14 +1014,24 @@ class SelfConcepts:
             self.states.append(states.cpu())
         y, extras = at(ids, pos), {"masked": count(pos)}
         if self.coder is None:  # before the first dictionary: plain MLM
-            return mlm_loss(student.mlm_logits(h), y), extras
+            return mlm_loss(student.mlm_logits(h), y) + self.idle(student.concept_head), extras
         with torch.autocast(self.device.type, enabled=False):
             A, solved = self.coder.encode(normalise_states(self.states_of(h, x, pos), self.mean.to(h.device)))
         p, has_mass = code_distribution(A)  # (M, K), (M,)
         loss = concept_kl(student.concept_logits(h), p * solved[:, None])
         if cfg.mlm_weight:
             loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), y)
+        else:
+            loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
         return loss, {**extras, "zero_codes": (~has_mass).sum(), "unsolved_codes": (~solved).sum()}
+
+    @staticmethod
+    def idle(part):
+        """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
+        parameter in every step's backward pass; on one process nothing is added (and AdamW leaves the
+        idle head alone, where under torchrun its zero gradient still lets weight decay shrink it)."""
+        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
 
 def self_curve(student, loss_fn, dev_rows, cfg, device):
     """Learning curve of a --teacher self student, at the fixed dev masks: its KL to the concepts of its
