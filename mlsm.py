@@ -1,31 +1,43 @@
 """mlsm.py -- Masked Latent Semantic Modeling (MLSM) in one readable file.
 
-Train a masked-LM teacher, turn its hidden states into sparse "latent concepts", pretrain a student
-to predict the concepts of masked tokens, then freeze the student and fit a linear token head on its
-concept logits -- and show, against an MLM baseline trained on the same batches, what each stage bought.
+Masked language modeling (MLM) trains an encoder to name each hidden token. MLSM (Berend 2023) trains a
+student to predict, at each masked position, a distribution over K latent concepts read off a teacher:
+  x = (h - mu) / ||h - mu||                          the teacher's state h there (unmasked input), centred, unit norm
+  a = argmin_{a >= 0} 1/2 ||x - a D||^2 + lam ||a||_1   its non-negative sparse code over a dictionary D (K x C)
+  p = a / ||a||_1                                     the code as a distribution over the K concepts
+  L = 1/M sum_m KL(p_m || softmax(z_m))              the student's loss, z_m its concept logits at masked position m
+Then (Berend 2024) the student is frozen and only a linear layer from its concept logits to the vocabulary is
+trained, with MLM: how much of a token the concepts carry.
 
 Stages (each saves its output under --out; a re-run skips finished stages and resumes training):
   1. tokenizer   byte-level BPE trained on the corpus                  -> tokenizer.json
   2. data        token ids packed into [CLS] ... [SEP] rows            -> train_ids.npy, dev_ids.npy
-  3. teacher     a BERT-style encoder trained with masked LM (MLM)     -> teacher.pt
+  3. teacher     a BERT-style encoder trained with masked LM           -> teacher.pt
   4. concepts    a non-negative sparse dictionary over teacher states  -> dictionary.npz
   5. student     MLSM: predict the teacher's concept distribution      -> student.pt
   6. head        frozen student + linear layer concepts -> tokens      -> head.pt
      baseline    a student-sized encoder trained with plain MLM        -> baseline.pt
-  7. report      learning curves, dev MLM loss, BLiMP, fine-tuning on BabyLM's (Super)GLUE tasks,
-                 dictionary quality, the most used concepts in context -> results.json, concepts.json
+  7. report      learning curves, dev MLM loss, BLiMP, fine-tuning, the dictionary, concepts in context
+                                                                       -> results.json, concepts.json
 
-Papers (G. Berend): Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked
-Language Modeling (Findings of ACL 2023); Better Together: Jointly Using Masked Latent Semantic Modeling
-and Masked Language Modeling for Sample Efficient Pre-training (BabyLM 2023); Integrating Quasi-symbolic
-Conceptual Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
+Reading guide. The method is in the first half: Config, the Model, then "MLSM": states -> codes (a one-state
+solver to read, then the batched one) -> concept distributions -> KL -> the student's step -> the frozen head.
+"Training", "Stages", "Evaluation" and run() show how it is trained and judged. Everything after run() -- the
+BPE tokenizer, corpus reading, seeding and sharding, files, downloads, the command line, the benchmark -- is
+machinery a reader of the method can skip. README.md has a map of the file and the measured numbers.
 
-Run (measured and estimated times per stage are in README.md):
+Papers (G. Berend): Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked Language
+Modeling (Findings of ACL 2023); Better Together: Jointly Using Masked Latent Semantic Modeling and Masked
+Language Modeling for Sample Efficient Pre-training (BabyLM 2023); Integrating Quasi-symbolic Conceptual
+Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
+
+Run (times per stage are in README.md):
+  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~1 min
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~50 min (estimate)
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
-  python mlsm.py --preset tiny --data some.txt   # smoke run, seconds
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
   python mlsm.py --bench --preset cpu # speed of every stage on this machine -> bench.json
+  python mlsm.py --handout DIR        # a student copy with the exercises left to write (README: Exercises)
 
 Deliberately left out: 80/10/10 masking, whole-word masking, sentence-level objectives, Hugging Face export.
 """
@@ -40,6 +52,7 @@ import http.client
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -50,6 +63,7 @@ import warnings
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,117 +74,1379 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # Letters used in shape comments:
-#   B batch rows, T tokens per row, C model width, H heads, V vocabulary, K concepts, m masked positions
-#   per row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n rows still
-#   being worked on, s slots (atoms a sparse code may use).
+#   B batch rows, T tokens per row, C model width, H heads, V vocabulary, K concepts, m masked positions per
+#   row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n rows still being
+#   worked on, s slots (atoms a sparse code may use).
 
-# --- Configuration: one dataclass; the command line is generated from its fields (see parse_config) ---
-def opt(default, help):
+# === Configuration: one dataclass; the command line is generated from its fields (parse_config) ==========
+def option(default, help):
     return field(default=default, metadata={"help": help})
 
 @dataclass
 class Config:
-    preset: str = opt("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), tiny (smoke)")
-    data: str = opt("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder = dev split) or "
-                    "one text file; the default is downloaded when missing")
-    out: str = opt("", "run directory for every artifact; empty: runs/<preset>")
-    fresh: bool = opt(False, "delete this run's artifacts in --out and start again")
-    seed: int = opt(0, "seed for initialisation, batches and masks")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps")
-    compile: bool = opt(False, "torch.compile the encoders (checkpoints stay uncompiled)")
-    dtype: str = opt("auto", "autocast of training steps: auto (on CUDA bf16 where the GPU has it, else fp16 with "
-                     "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32")
-    bench: bool = opt(False, "measure the speed of every stage instead of training -> bench.json in --out")
-    # tokenizer and data
-    vocab_size: int = opt(8192, "BPE vocabulary size, special tokens and 256 bytes included")
-    seq_len: int = opt(128, "tokens per training row, [CLS] and [SEP] included")
-    train_words: int = opt(0, "train on about this many words, the first part of each file (0: all)")
-    dev_fraction: float = opt(0.02, "share of each file held out as dev when the corpus has no dev files")
+    # the method: concepts, their targets and the student's loss
+    n_concepts: int = option(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
+    lam: float = option(0.05, "L1 penalty lambda of the sparse codes")
+    center: bool = option(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
+    teacher_layer: int = option(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
+    teacher: str = option("separate", "where the concepts come from: separate (a teacher trained with MLM first) "
+                          "or self (the student's own states: the original's mode without an auxiliary model)")
+    self_every: float = option(0.2, "--teacher self: share of the student's steps of plain MLM before its first "
+                               "dictionary, and between re-learnt ones (the original: 10,000 of 100,000 updates)")
+    mlm_weight: float = option(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    coder: str = option("exact", "sparse coder: exact (active set; a code unfinished after --coder_rounds gives no "
+                        "target) or fista (the original's 100 FISTA steps, every code a target)")
+    coder_rounds: int = option(64, "rounds of the exact sparse coder, each adding at most one atom to a code")
+    dict_tokens: int = option(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
+    dict_epochs: int = option(1, "passes of MiniBatchDictionaryLearning over those states")
+    dict_jobs: int = option(-1, "processes coding each minibatch of dictionary learning (-1: every core)")
     # encoder (teacher, student and MLM baseline are the same size)
-    d_model: int = opt(512, "model width")
-    n_layers: int = opt(8, "transformer blocks")
-    n_heads: int = opt(8, "attention heads")
-    dropout: float = opt(0.1, "dropout in the encoder")
-    # training: AdamW, linear warmup and decay, gradient clipping as in the original; lr, warmup,
-    # beta2 and masking are ours, from the measured recipe search in README.md (the original, for
-    # BERT-base: lr 1e-4, 1% warmup, beta2 0.999, 15% masking)
-    batch_size: int = opt(64, "rows per training step (in all: torchrun's processes share them)")
-    lr: float = opt(1e-3, "peak learning rate of teacher, student and MLM baseline")
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases, LayerNorms and embeddings)")
-    beta2: float = opt(0.98, "AdamW beta2")
-    warmup: float = opt(0.06, "share of steps with linear warmup")
-    clip: float = opt(1.0, "gradient-norm clipping")
-    mask_rate: float = opt(0.4, "share of tokens replaced by [MASK] in training (dev numbers always mask 15%)")
-    teacher_steps: int = opt(5000, "teacher MLM training steps")
-    student_steps: int = opt(4000, "MLSM student (and MLM baseline) training steps")
-    head_steps: int = opt(2000, "frozen-backbone token head training steps")
-    head_lr: float = opt(1e-4, "peak learning rate of the token head (1e-3 overshoots: concept logits are large)")
-    # concepts
-    n_concepts: int = opt(2048, "dictionary atoms K (the original: 3000 for 768-dim BERT-base)")
-    lam: float = opt(0.05, "L1 penalty lambda of the sparse codes")
-    coder_rounds: int = opt(64, "rounds of the exact sparse coder, each adding at most one atom to a code; codes "
-                            "unsolved after them give no target")
-    teacher_layer: int = opt(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
-    dict_tokens: int = opt(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
-    dict_epochs: int = opt(1, "passes of MiniBatchDictionaryLearning over those states")
-    dict_jobs: int = opt(-1, "processes that sparse-code each minibatch of dictionary learning (-1: every core; "
-                         "on small problems starting them costs more than they save)")
-    center: bool = opt(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
-    mlm_weight: float = opt(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
-    teacher: str = opt("separate", "where the concepts come from: separate (a teacher trained with MLM first, as in "
-                       "the papers) or self (the student's own states: the original's mode without an auxiliary model)")
-    self_every: float = opt(0.2, "--teacher self: share of the student's steps of plain MLM before its first "
-                            "dictionary, and between re-learnt ones (the original: 10,000 of 100,000 updates)")
-    baseline: bool = opt(True, "also train an MLM student: same size, batches, masks, steps, schedule, seed")
+    d_model: int = option(512, "model width")
+    n_layers: int = option(8, "transformer blocks")
+    n_heads: int = option(8, "attention heads")
+    dropout: float = option(0.1, "dropout in the encoder")
+    # training: AdamW, warmup and linear decay, clipping as in the original; lr, warmup, beta2 and masking
+    # from the recipe search in README.md (the original, for BERT-base: lr 1e-4, 1% warmup, beta2 0.999, 15%)
+    batch_size: int = option(64, "rows per training step (in all: torchrun's processes share them)")
+    lr: float = option(1e-3, "peak learning rate of teacher, student and MLM baseline")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases, LayerNorms and embeddings)")
+    beta2: float = option(0.98, "AdamW beta2")
+    warmup: float = option(0.06, "share of steps with linear warmup")
+    clip: float = option(1.0, "gradient-norm clipping")
+    mask_rate: float = option(0.4, "share of tokens replaced by [MASK] in training (dev numbers always mask 15%)")
+    teacher_steps: int = option(5000, "teacher MLM training steps")
+    student_steps: int = option(4000, "MLSM student (and MLM baseline) training steps")
+    head_steps: int = option(2000, "frozen-backbone token head training steps")
+    head_lr: float = option(1e-4, "peak learning rate of the token head (1e-3 overshoots: concept logits are large)")
+    baseline: bool = option(True, "also train an MLM student: same size, batches, masks, steps, schedule, seed")
+    # tokenizer and data
+    data: str = option("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder: dev split) or "
+                       "one text file; the default is downloaded when missing (--preset toy: generated)")
+    vocab_size: int = option(8192, "BPE vocabulary size, special tokens and 256 bytes included")
+    seq_len: int = option(128, "tokens per training row, [CLS] and [SEP] included")
+    train_words: int = option(0, "train on about this many words, the first part of each file (0: all)")
+    dev_fraction: float = option(0.02, "share of each file held out as dev when the corpus has no dev files")
     # evaluation and logging
-    eval_rows: int = opt(512, "dev rows used for the dev MLM loss and accuracy")
-    blimp: str = opt("data/blimp", "folder of BLiMP *.jsonl minimal pairs, downloaded when missing; '' skips")
-    blimp_pairs: int = opt(0, "BLiMP pairs per paradigm scored at the end: the first N of each (0: all)")
-    supplement: str = opt("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
-    finetune: str = opt("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl (BabyLM GLUE format) to "
-                        "fine-tune on; the default (MRPC, RTE) is downloaded when missing; '' skips")
-    tasks: str = opt("", "comma-separated tasks of --finetune to fine-tune on, e.g. mrpc,rte ('': all there are; "
-                     "into the default folder all seven of BabyLM's are downloaded)")
-    finetune_steps: int = opt(300, "fine-tuning steps per task, model and seed")
-    finetune_lr: float = opt(1e-4, "peak learning rate of fine-tuning")
-    finetune_seeds: int = opt(2, "fine-tuning runs per task and model, with different seeds")
-    pll: str = opt("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar et al. 2020)")
-    curve_points: int = opt(12, "dev evaluations along each training run, for the learning curves")
-    curve_pairs: int = opt(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
-    log_every: int = opt(50, "steps between loss readouts (a readout waits for the device)")
-    ckpt_every: int = opt(500, "steps between resumable checkpoints")
+    eval_rows: int = option(512, "dev rows used for the dev MLM loss and accuracy")
+    blimp: str = option("data/blimp", "folder of BLiMP *.jsonl minimal pairs, downloaded when missing; '' skips")
+    blimp_pairs: int = option(0, "BLiMP pairs per paradigm scored at the end: the first N of each (0: all)")
+    supplement: str = option("", "folder of BabyLM supplement *.jsonl minimal pairs, scored when given")
+    finetune: str = option("data/glue", "folder of <task>.train.jsonl / <task>.valid.jsonl (BabyLM's GLUE format) "
+                           "to fine-tune on, downloaded when missing; '' skips")
+    tasks: str = option("", "comma-separated tasks of --finetune to fine-tune on ('': all; the default folder gets "
+                        "all seven of BabyLM's)")
+    finetune_steps: int = option(300, "fine-tuning steps per task, model and seed")
+    finetune_lr: float = option(1e-4, "peak learning rate of fine-tuning")
+    finetune_seeds: int = option(2, "fine-tuning runs per task and model, with different seeds")
+    pll: str = option("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar 2020)")
+    curve_points: int = option(12, "dev evaluations along each training run, for the learning curves")
+    curve_pairs: int = option(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
+    log_every: int = option(50, "steps between loss readouts (a readout waits for the device)")
+    ckpt_every: int = option(500, "steps between resumable checkpoints")
+    # the run
+    preset: str = option("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), toy (a "
+                         "generated language with known word classes, ~1 min), tiny (smoke)")
+    out: str = option("", "run directory for every artifact; empty: runs/<preset>")
+    fresh: bool = option(False, "delete this run's artifacts in --out and start again")
+    seed: int = option(0, "seed for initialisation, batches and masks")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, mps")
+    compile: bool = option(False, "torch.compile the encoders (checkpoints stay uncompiled)")
+    dtype: str = option("auto", "autocast of training steps: auto (CUDA: bf16 where the GPU has it, else fp16 with "
+                        "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32")
+    bench: bool = option(False, "measure the speed of every stage instead of training -> bench.json in --out")
+    handout: str = option("", "write a student copy of mlsm.py into this folder, the exercises left to write")
+    exercises: str = option("", "--handout: comma-separated exercises to leave out ('': all)")
 
 # Presets change only numbers (sizes, steps, learning rates); any field can still be set on the command line.
+TINY = dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0, batch_size=64, lr=1e-3,
+            mask_rate=0.15, teacher_steps=100, student_steps=100, head_steps=100, head_lr=1e-2, n_concepts=64,
+            dict_tokens=4000, dict_jobs=1, eval_rows=64, log_every=10, ckpt_every=50, blimp="", finetune="")
 PRESETS = {
     "laptop": {},
-    # About 40 minutes on 2 CPU cores, evaluation included. Rows of 32 tokens, batches of 64 rows, lr
-    # 2e-3 and a narrower model that takes more steps left the unigram plateau far sooner at equal
-    # time (README's recipe search); a short head learns more at a higher head_lr.
+    # Rows of 32 tokens, batches of 64 rows, lr 2e-3 and a narrow model that takes many steps: the best of the
+    # README's recipe search at equal time on a CPU; a short head learns more at a higher head_lr.
     "cpu": dict(train_words=3_000_000, seq_len=32, d_model=192, n_layers=4, n_heads=4, dropout=0.0, batch_size=64,
                 lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=800, head_lr=3e-4, n_concepts=1024,
                 dict_tokens=24_000, dict_jobs=1, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10,
                 curve_pairs=4, tasks="mrpc,rte", finetune_steps=100),
+    # The tiny model on a generated language whose word classes are known (toy_language, below run()).
+    "toy": dict(TINY, data="data/toy", blimp="data/toy/pairs", n_concepts=32, teacher_steps=800, student_steps=400,
+                head_steps=300),
     # Seconds, for smoke runs and tests.
-    "tiny": dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0,
-                 batch_size=64, lr=1e-3, mask_rate=0.15, teacher_steps=100, student_steps=100, head_steps=100,
-                 head_lr=1e-2, n_concepts=64, dict_tokens=4000, dict_jobs=1, eval_rows=64, log_every=10,
-                 ckpt_every=50, blimp="", finetune=""),
+    "tiny": TINY,
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "log_every", "ckpt_every", "blimp", "supplement",
-            "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
+RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "handout", "exercises", "log_every", "ckpt_every", "blimp",
+            "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
-# --- Stage 1: byte-level BPE tokenizer ------------------------------------------------------------
+# === The model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ============================
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, CLS, SEP, MASK = range(4)
 N_SPECIAL = len(SPECIALS)  # byte b has id N_SPECIAL + b; merged tokens follow from N_SPECIAL + 256
 
-# Text is first split into pre-tokens (a word with its leading space, a number, a run of
-# punctuation, whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives
-# cover every character, so concatenating the pre-tokens gives back the text exactly.
-PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
+class SelfAttention(nn.Module):
+    def __init__(self, C, H, dropout):
+        super().__init__()
+        self.H, self.dropout = H, dropout
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
 
+    def forward(self, x, keep=None, pos=None):
+        """x (B, T, C); keep (B, T) True for real tokens, False for padding, or None (no padding);
+        pos (B, m) positions or None -> outputs at every position (B, T, C), or at pos only (B m, C)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, C/H)
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T): which keys to attend to
+        # softmax(q k^T / sqrt(C/H) + mask) v; fused kernels (flash / memory-efficient) on GPU
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, C/H)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y if pos is None else at(y, pos))
+
+class Block(nn.Module):
+    def __init__(self, C, H, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn = SelfAttention(C, H, dropout)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(dropout))
+
+    def forward(self, x, keep=None, pos=None):
+        """(B, T, C) -> (B, T, C), or (B m, C) at positions pos (B, m) only. Pre-LN: each sub-layer's
+        input is normalised, the residual stream is not."""
+        x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)
+        return x + self.mlp(self.ln2(x))
+
+class Encoder(nn.Module):
+    """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads: a token head tied to
+    the input embeddings (MLM), and a concept head over K concepts (MLSM, when n_concepts > 0)."""
+
+    def __init__(self, vocab_size, seq_len, d_model, n_layers, n_heads, dropout=0.0, n_concepts=0):
+        super().__init__()
+        C = d_model
+        self.tok_emb = nn.Embedding(vocab_size, C)
+        self.pos_emb = nn.Embedding(seq_len, C)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(C, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(C)
+        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C))
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.concept_head = None
+        self.apply(self._init)
+        # subtle: the concept head is built and initialised last, so that it draws from the random stream
+        # after everything else: a student and an MLM baseline built from the same seed then start from
+        # identical weights in every parameter they share
+        if n_concepts:
+            self.concept_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C), nn.Linear(C, n_concepts))
+            self.concept_head.apply(self._init)
+
+    @staticmethod
+    def _init(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids, keep=None, layer=None, pos=None):
+        """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f); with pos
+        (B, m), only the states at those positions (B m, C), row by row.
+
+        Why pos: the losses need states at masked positions only, and there the last block needs the other
+        positions only as attention's keys and values: its projection and MLP run at the masked positions
+        alone. Positions, not a boolean mask: a mask's count is data, and a GPU would have to stop and
+        report it to size the output."""
+        B, T = ids.shape
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
+        layer = len(self.blocks) if layer in (None, -1) else layer
+        for i, block in enumerate(self.blocks[:layer]):
+            x = block(x, keep, pos if i == layer - 1 else None)
+        return self.ln_f(x) if layer == len(self.blocks) else x
+
+    def mlm_logits(self, h):
+        """h (M, C) -> token logits (M, V). subtle: the output matrix *is* tok_emb.weight (tied)."""
+        return self.mlm_transform(h) @ self.tok_emb.weight.T + self.mlm_bias
+
+    def concept_logits(self, h):
+        """h (M, C) -> concept logits (M, K)."""
+        return self.concept_head(h)
+
+def build_encoder(cfg, vocab_size, n_concepts=0):
+    torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
+    return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
+
+# A token scorer is how every model that predicts tokens is trained against and measured -- the teacher, the
+# MLM baseline, the frozen student + head, the unigram model:
+#     token_logits(ids (B, T), keep (B, T) bool or None, pos (B, m)) -> logits (B m, V)
+# the token predictions at positions pos of rows ids; keep is False at padding (None: no padding).
+def mlm_scorer(model):
+    """An MLM encoder as a token scorer."""
+    return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
+
+def at(x, pos):
+    """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
+    return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
+
+# === MLSM, step by step: states -> codes -> concept distributions -> KL -> the student -> the frozen head ===
+# Exercises (README: Exercises): the bodies between "BEGIN EXERCISE n" and "END EXERCISE n" are what
+# `--handout` leaves for a student to write.
+
+# --- 1. The teacher's states, centred and unit-norm ------------------------------------------------------
+def normalise_states(h, mean):
+    """States h (N, C) -> x = (h - mean) / ||h - mean||, rows of unit L2 norm (mean: zeros when not centring).
+
+    Why centre (the original does not): contextual states are strongly anisotropic -- almost every state
+    points the same way -- so uncentred, one direction dominates every code and the sparse problems are
+    badly conditioned and slow to solve (README: How it follows the original)."""
+    # BEGIN EXERCISE 1: centre and normalise the states
+    return F.normalize(h - mean, dim=-1)
+    # END EXERCISE 1
+
+@torch.no_grad()
+def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
+    """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows, unmasked
+    input. -> (states (N, C) float32 numpy, token ids (N,))."""
+    per_row = cfg.seq_len - 2
+    n_rows = min(len(rows), math.ceil(n_tokens / per_row))
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), n_rows, replace=False))
+    states, tokens = [], []
+    for i in range(0, n_rows, cfg.batch_size):
+        ids = torch.from_numpy(rows[idx[i:i + cfg.batch_size]].astype(np.int64)).to(device)  # (B, T)
+        h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1]  # (B, T-2, C): drop [CLS] and [SEP]
+        states.append(h.float().reshape(-1, h.shape[-1]).cpu())
+        tokens.append(ids[:, 1:-1].reshape(-1).cpu())
+    return torch.cat(states)[:n_tokens].numpy(), torch.cat(tokens)[:n_tokens].numpy()
+
+# --- 2. The dictionary -------------------------------------------------------------------------------------
+def learn_dictionary(X, cfg, init=None):
+    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows; init: a dictionary to start from.
+    Objective (scikit-learn's; the original's SPAMS trainDL minimises the same), over codes A >= 0 and D:
+        min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
+    subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.exceptions import ConvergenceWarning
+
+    dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
+                                     fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
+                                     random_state=cfg.seed, n_jobs=cfg.dict_jobs,
+                                     dict_init=None if init is None else init.numpy())
+    with warnings.catch_warnings():  # the inner lasso of a mini-batch may stop early: harmless for the
+        warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary, and the codes we use come
+        dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
+    return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
+
+# --- 3. The codes --------------------------------------------------------------------------------------------
+# For a >= 0, lam ||a||_1 = lam sum_k a_k is linear in a, so the non-negative lasso
+#     a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1
+#           = argmin_{a >= 0} 0.5 a G a^T - b a^T,     G = D D^T (K, K),  b = x D^T - lam (K,)
+# is a non-negative least-squares problem, whose optimum is certified by the KKT conditions on the negative
+# gradient w = b - a G:  w_k <= 0 where a_k = 0, and w_k = 0 where a_k > 0. Two ways to solve it: the
+# active-set method of Lawson & Hanson (exact; mlsm.py's), and the original's FISTA (fast, approximate).
+
+def active_set_one(x, D, lam, tol=1e-6):
+    """The exact code of one state x (C,) against D (K, C), written for reading: Lawson & Hanson's
+    active-set method for the non-negative least squares above. -> a (K,) >= 0.
+
+    S is the support, the atoms allowed to be non-zero. Two moves:
+      add:  the atom outside S along which the objective falls fastest (largest w = -gradient);
+      drop: when the minimiser z on the new S has a coefficient <= 0, step from a towards z only as
+            far as every coefficient stays >= 0, and drop the atoms that reached 0.
+    It stops when no atom outside S would lower the objective: the KKT conditions hold, a is optimal."""
+    # BEGIN EXERCISE 2: the one-state active-set coder
+    G, b = D @ D.T, D @ x - lam  # (K, K), (K,): the quadratic and the linear term
+    a, S = torch.zeros(len(D), dtype=x.dtype), []
+    while len(S) < len(D):
+        w = b - G @ a  # (K,): the negative gradient
+        w[S] = -math.inf
+        k = int(w.argmax())
+        if w[k] <= tol:  # KKT: no atom outside S can lower the objective (on S the gradient is 0)
+            return a
+        S.append(k)
+        while True:
+            z = torch.zeros_like(a)
+            z[S] = torch.linalg.solve(G[S][:, S], b[S])  # the minimiser with support S
+            if (z[S] > 0).all():
+                a = z
+                break
+            ratio = {j: a[j] / (a[j] - z[j]) for j in S if z[j] <= 0}  # how far a may move towards z
+            t = min(ratio.values())
+            a = a + t * (z - a)
+            S = [j for j in S if ratio.get(j, math.inf) > t]
+            a[[j for j in ratio if j not in S]] = 0
+    return a
+    # END EXERCISE 2
+
+def fista(X, D, lam, iters=100, L=None):
+    """The original's coder: `iters` steps of non-negative FISTA (Beck & Teboulle 2009). X (N, C), D (K, C)
+    -> codes A (N, K) >= 0. Each step is a gradient step of length 1/L on the objective above (L: the largest
+    eigenvalue of G, computed when not given), then the projection onto a >= 0, from a point extrapolated
+    along the last move. Near-parallel atoms make L large and the steps short, so a fixed number of steps
+    can stop short of the optimum (README: How it follows the original)."""
+    # BEGIN EXERCISE 3: FISTA
+    G = D @ D.T  # (K, K)
+    L = torch.linalg.eigvalsh(G.double()).max().to(G.dtype) if L is None else L
+    b = X @ D.T - lam  # (N, K): the linear term
+    A = Y = torch.zeros(len(X), len(D), dtype=X.dtype, device=X.device)  # (N, K) each
+    t = 1.0
+    for _ in range(iters):
+        A_next = (Y + (b - Y @ G) / L).clamp(min=0)  # the gradient of the objective is a G - b
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        Y = A_next + (t - 1) / t_next * (A_next - A)
+        A, t = A_next, t_next
+    return A
+    # END EXERCISE 3
+
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """fp32 matrix products in full fp32 inside the block, whatever was allowed outside it: TF32 on a GPU
+    (torch.backends.cuda.matmul.allow_tf32) or bf16 on a CPU (set_float32_matmul_precision) keep too few
+    bits for the coder's optimality test. subtle: only the per-backend settings are read and written;
+    torch refuses to mix them with the older global ones."""
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, precision in zip(backends, saved):
+            b.fp32_precision = precision
+
+class SparseCoder:
+    """The fast version of active_set_one: the same two moves, for a batch of states at once, in torch.
+
+    Gram space: with b = x D^T - lam computed once per state and G = D D^T once per dictionary, the negative
+    gradient w = b - a G at a code a with support S is a sum of |S| rows of G (an embedding_bag), never a
+    product with D. The small systems G_SS z = b_S are solved in float32 with one step of iterative
+    refinement, so a consumer GPU runs them at its fp32 rate.
+
+    Bookkeeping, kept out of the moves' way: each row keeps its support in `slots` (atom, in_S, coefficient
+    and the slots' Gram matrix; one more slot each round, as a round adds at most one atom). Every round is
+    the same batched work whatever the data, so a GPU runs all `rounds` without once waiting to be told
+    which rows are done. On the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
+    On Apple's MPS, where this batched LU has not been tried, the small systems go to the CPU (`host_solve`).
+
+    subtle: learned dictionaries hold near-duplicate atoms, which make G_SS badly conditioned; the
+    refinement step recovers the digits that float32 elimination loses (tested against float64)."""
+    exact = True  # codes are optimal, or flagged unsolved
+
+    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None, tol=1e-6):
+        self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
+        self.shrink = D.device.type == "cpu" if shrink is None else shrink
+        self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
+        with full_fp32_matmuls():
+            self.G = D @ D.T  # (K, K)
+
+    def solve(self, M, b):
+        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s): LU in float32, then one step of
+        iterative refinement, z += M^-1 (b - M z)."""
+        dev = b.device
+        if self.host_solve:
+            M, b = M.cpu(), b.cpu()
+        LU, pivots, _ = torch.linalg.lu_factor_ex(M)
+        z = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1))  # (n, s, 1)
+        z = z + torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1) - M @ z)
+        return z.squeeze(-1).to(dev)
+
+    @torch.no_grad()
+    @full_fp32_matmuls()
+    def encode(self, X):
+        """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds` rounds or
+        `slots` atoms were not enough (that code is feasible but not optimal)."""
+        G, K, dev, N = self.G, len(self.D), X.device, len(X)
+        A, solved = torch.zeros(N, K, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
+        rows = torch.arange(N, device=dev)  # (n,) the rows still worked on
+        b = X @ self.D.T - self.lam  # (n, K): the linear term of each row
+        atom = torch.zeros(N, 0, dtype=torch.long, device=dev)  # (n, s) the atom in each slot
+        in_S = torch.zeros(N, 0, dtype=torch.bool, device=dev)  # (n, s) slot holds an atom of S
+        a = torch.zeros(N, 0, device=dev)  # (n, s) coefficient in each slot
+        G_SS = torch.zeros(N, 0, 0, device=dev)  # (n, s, s) G between the slots' atoms, kept up to date
+        for _ in range(self.rounds):
+            if atom.shape[1] < self.slots:  # bookkeeping: one more slot, as a round adds at most one atom
+                atom, in_S, a = (torch.cat([t, t.new_zeros(len(t), 1)], 1) for t in (atom, in_S, a))
+                G_SS = F.pad(G_SS, (0, 1, 0, 1))
+            s = atom.shape[1]
+            # z: the minimiser on S, G_SS z = b_S (free slots solve z = 0)
+            both = in_S.unsqueeze(2) & in_S.unsqueeze(1)
+            z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)), torch.where(in_S, b.gather(1, atom), 0))
+            # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
+            bad = in_S & (z <= 0)  # (n, s)
+            ratio = torch.where(bad, a / (a - z), math.inf)
+            step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
+            in_S = in_S & ~(bad & (ratio <= step))
+            a = torch.where(in_S, a + step * (z - a), 0)
+            # add: the atom outside S with the largest w = b - a G (free slots add 0 rows of G)
+            aG = F.embedding_bag(atom, G, per_sample_weights=a, mode="sum")  # (n, K)
+            w = torch.sub(b, aG, out=aG)  # (n, K), in place: the largest tensor of a round
+            # subtle: atoms in S are masked with a min-reduction, because a free slot may still name an
+            # atom that is back in S in another slot (a plain scatter could unmask it)
+            w.scatter_reduce_(1, atom, torch.where(in_S, -math.inf, math.inf), reduce="amin")
+            best, new = w.max(1)  # (n,)
+            optimal_on_S = ~bad.any(1)
+            add = optimal_on_S & (best > self.tol) & ~in_S.all(1)
+            n, free = torch.arange(len(atom), device=dev), (~in_S).to(torch.int8).argmax(1)  # first free slot
+            atom[n, free] = torch.where(add, new, atom[n, free])
+            in_S[n, free] |= add
+            g = G.view(-1)[atom[n, free].unsqueeze(1) * K + atom]  # (n, s): the new atom's row of G_SS
+            G_SS[n, free] = torch.where(add.unsqueeze(1), g, G_SS[n, free])
+            G_SS[n, :, free] = G_SS[n, free]
+            finished = optimal_on_S & (best <= self.tol)  # KKT: no atom outside S would lower the objective
+            if self.shrink and finished.any():  # bookkeeping: finished rows write out their codes and leave
+                A[rows[finished]] = A.new_zeros(int(finished.sum()), K).scatter_add_(1, atom[finished], a[finished])
+                solved[rows[finished]] = True
+                keep = ~finished
+                rows, b, atom, in_S, a, G_SS, finished = (t[keep] for t in (rows, b, atom, in_S, a, G_SS, finished))
+                if len(rows) == 0:
+                    break
+        if len(rows):  # the rows still there (on a GPU: all of them)
+            A[rows] = A.new_zeros(len(rows), K).scatter_add_(1, atom, a)
+            solved[rows] = finished
+        return A, solved
+
+    def objective(self, X, A):
+        """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
+        return 0.5 * ((X - A @ self.D) ** 2).sum(-1) + self.lam * A.abs().sum(-1)
+
+class FistaCoder(SparseCoder):
+    """--coder fista: the original's coder (100 FISTA steps) with SparseCoder's interface. Every code is a
+    target, as in the original; `solved` says which codes also pass the KKT test of optimality."""
+    exact = False
+
+    def __init__(self, D, lam, iters=100, tol=1e-4):
+        super().__init__(D, lam, tol=tol)
+        self.iters, self.L = iters, torch.linalg.eigvalsh(self.G.double()).max().to(self.G.dtype)
+
+    @torch.no_grad()
+    @full_fp32_matmuls()
+    def encode(self, X):
+        A = fista(X, self.D, self.lam, self.iters, self.L)  # (N, K)
+        return A, kkt_holds(X, A, self.D, self.lam, self.tol)
+
+def kkt_holds(X, A, D, lam, tol):
+    """The KKT test of optimality of codes A (N, K) >= 0 for states X (N, C): the negative gradient
+    w = x D^T - lam - a G is at most tol everywhere, and at least -tol on the support. -> (N,) bool."""
+    w = X @ D.T - lam - A @ (D @ D.T)  # (N, K)
+    return ((w <= tol) & ((A == 0) | (w >= -tol))).all(1)
+
+def make_coder(D, cfg):
+    return FistaCoder(D, cfg.lam) if cfg.coder == "fista" else SparseCoder(D, cfg.lam, cfg.coder_rounds)
+
+# --- 4. The concept distribution, and the targets of a batch ------------------------------------------------
+def code_distribution(A):
+    """Codes A (N, K) >= 0 -> concept distributions p = a / ||a||_1 (N, K), and valid (N,) bool: False where
+    the code is all zero, which has no distribution (its row of p is zero)."""
+    # BEGIN EXERCISE 4: the concept distribution
+    mass = A.sum(-1, keepdim=True)  # (N, 1)
+    return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0
+    # END EXERCISE 4
+
+class ConceptTargets:
+    """Everything the student's targets need, in one object: the model whose states are coded (`source`:
+    the teacher; None with --teacher self, whose states come from each step), the coder with its
+    dictionary, the mean state and the layer.
+
+    targets(ids, pos) codes the teacher's states at the masked positions pos (B, m) of unmasked rows ids
+    (B, T); targets.of_states(h) codes given states h (M, C). Both -> (p (M, K), counters): the concept
+    distributions, a zero row where a position gets no target (an all-zero code, or an exact code not
+    finished within --coder_rounds: each adds 0 to the loss and counts in its mean, as all-zero codes do in
+    the original), and the counts of both."""
+
+    def __init__(self, source, coder, mean, layer):
+        self.source, self.coder, self.mean, self.layer = source, coder, mean, layer
+
+    @torch.no_grad()
+    def of_states(self, h):
+        # subtle: in fp32 even inside the training step's bf16 / fp16 autocast, as the dictionary's states and
+        # every evaluation are: half-precision states move a code's support
+        with torch.autocast(h.device.type, enabled=False):
+            A, solved = self.coder.encode(normalise_states(h.float(), self.mean))  # (M, K), (M,)
+        p, has_mass = code_distribution(A)
+        target = p * (solved | (not self.coder.exact))[:, None]  # approximate codes are all targets
+        return target, {"zero_codes": (~has_mass).sum(), "unsolved_codes": (~solved).sum()}
+
+    @torch.no_grad()
+    def __call__(self, ids, pos):
+        # subtle: the teacher sees the *unmasked* input, as in the original
+        with torch.autocast(ids.device.type, enabled=False):
+            h = self.source(ids, layer=self.layer, pos=pos)  # (M, C)
+        return self.of_states(h)
+
+# --- 5. The losses -------------------------------------------------------------------------------------------
+def concept_kl(logits, target):
+    """MLSM's loss, the KL divergence from the target concept distribution p to the student's q:
+        L_MLSM = 1/M sum_m sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
+    As in the original (KLDivLoss, reduction="batchmean"), a row with no distribution (an all-zero target)
+    adds 0 to the sum but still counts in M. logits (M, K), target (M, K) rows summing to 1 or 0."""
+    # BEGIN EXERCISE 5: the KL loss
+    logq = F.log_softmax(logits.float(), dim=-1)  # (M, K)
+    kl = (torch.xlogy(target, target) - target * logq).sum(-1)  # (M,); xlogy makes 0 log 0 = 0
+    return kl.mean()
+    # END EXERCISE 5
+
+def mlm_loss(logits, targets):
+    """Masked-LM cross-entropy over the M masked positions only:
+    L_MLM = -1/M sum_m log softmax(logits_m)[target_m]."""
+    return F.cross_entropy(logits.float(), targets)
+
+# --- 6. Masking and the student's step ------------------------------------------------------------------------
+def mask_tokens(ids, rate, gen):
+    """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = round(rate * (T-2)) positions per
+    row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked) with generator gen, every one replaced
+    by [MASK].
+
+    As in the original, every selected token becomes [MASK] (no BERT 80/10/10). The original selects
+    int(rate * n) tokens of a line; we select m per packed row, so every batch has M = B m masked positions
+    and a GPU never has to report how many."""
+    # BEGIN EXERCISE 6: masking
+    B, T = ids.shape
+    m = max(1, round(rate * (T - 2)))
+    pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1  # (B, m)
+    return ids.scatter(1, pos, MASK), pos
+    # END EXERCISE 6
+
+def count(pos):
+    """The number of masked positions as a tensor on their device. subtle: not torch.tensor(n), which lives
+    on the CPU, where NCCL cannot sum it with the other processes' counters."""
+    return torch.full((), pos.numel(), device=pos.device)
+
+def student_loss(student, h, p, ids, pos, cfg):
+    """The student's objective at the masked positions pos (B, m): L_MLSM of its concept logits to the targets
+    p (M, K), plus mlm_weight * L_MLM of its token logits to the unmasked ids (B, T) there (BabyLM 2023's
+    joint loss). h (M, C): the student's states at the masked positions of the masked input."""
+    # BEGIN EXERCISE 7: the student's loss
+    loss = concept_kl(student.concept_logits(h), p)
+    if cfg.mlm_weight:
+        loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), at(ids, pos))
+    return loss
+    # END EXERCISE 7
+
+def make_mlsm_loss(student, targets, rows, cfg, device):
+    """loss_fn(net, step) of the MLSM student, given the teacher's ConceptTargets. Under torchrun each process
+    computes the targets of its own rows."""
+    def loss_fn(net, step):
+        ids, x, pos = get_batch(rows, cfg, STUDENT_BATCHES, step, device)  # (B, T), (B, T), (B, m)
+        p, counters = targets(ids, pos)  # (M, K)
+        h = net(x, pos=pos)  # (M, C)
+        return student_loss(student, h, p, ids, pos, cfg), {"masked": count(pos), **counters}
+    return loss_fn
+
+class SelfConcepts:
+    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model, the student's own states the
+    source of its concepts (the original's mode with a negative --dict_file; Berend 2024: signals "from the
+    hidden representations of the student model"). Plain MLM until the first dictionary; every `every` steps
+    a dictionary is learned, warm-started from the last one, from the states at the masked positions of the
+    steps just before; from then on the targets of a step are the codes of the student's own states (block
+    teacher_layer, detached) at the masked positions of that same forward pass. Ours: the original learns
+    after 10,000 and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train a few
+    thousand steps, so the schedule is a share of them.
+
+    subtle: the states are the training step's own (in its autocast dtype on a GPU), for the targets and for
+    the dictionaries alike. state_dict() is saved in the checkpoints, so a resumed run goes on with the same
+    dictionary and collected states."""
+
+    def __init__(self, student, rows, cfg, device):
+        self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
+        self.every = max(1, round(cfg.self_every * cfg.student_steps))
+        per_step = cfg.batch_size * max(1, round(cfg.mask_rate * (cfg.seq_len - 2)))
+        self.window = math.ceil(cfg.dict_tokens / per_step)  # steps whose states a dictionary is learned from
+        self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
+
+    def state_dict(self):
+        return {"states": self.states, "D": self.D, "mean": self.mean, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.states, self.D, self.mean, self.seconds = state["states"], state["D"], state["mean"], state["seconds"]
+        self.targets = None if self.D is None else ConceptTargets(
+            None, make_coder(self.D.to(self.device), self.cfg), self.mean.to(self.device), self.cfg.teacher_layer)
+
+    def states_of(self, h, x, pos):
+        """The concept layer's states at the masked positions (M, C), detached."""
+        if self.cfg.teacher_layer == -1:
+            return h.detach().float()
+        with torch.no_grad():
+            return self.student(x, layer=self.cfg.teacher_layer, pos=pos).float()
+
+    def relearn(self):
+        """A dictionary from the collected states: learned on rank 0, sent to every process."""
+        t0, H = time.time(), torch.cat(self.states)  # (N, C)
+        mean = H.mean(0) if self.cfg.center else torch.zeros(H.shape[1])  # (C,)
+        if shard()[0] == 0:
+            D = learn_dictionary(normalise_states(H, mean).numpy(), self.cfg, self.D)
+        else:
+            D = torch.empty(self.cfg.n_concepts, H.shape[1])
+        if dist.is_initialized():
+            D = D.to(self.device)
+            dist.broadcast(D, 0)
+        self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean, "seconds": self.seconds + time.time() - t0})
+
+    def __call__(self, net, step):
+        cfg, student = self.cfg, self.student
+        if step % self.every == 0 and self.states:
+            self.relearn()
+        ids, x, pos = get_batch(self.rows, cfg, STUDENT_BATCHES, step, self.device)  # (B, T), (B, T), (B, m)
+        h = net(x, pos=pos)  # (M, C)
+        if step % self.every >= self.every - self.window and step + 1 < cfg.student_steps:  # for the next dictionary
+            states = self.states_of(h, x, pos)
+            if dist.is_initialized():  # every process collects the whole batch's states
+                every = torch.empty(len(states) * dist.get_world_size(), states.shape[1], device=states.device)
+                dist.all_gather_into_tensor(every, states)
+                states = every
+            self.states.append(states.cpu())
+        if self.targets is None:  # before the first dictionary: plain MLM
+            return mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head), {"masked": count(pos)}
+        p, counters = self.targets.of_states(self.states_of(h, x, pos))  # (M, K)
+        loss = student_loss(student, h, p, ids, pos, cfg)
+        if not cfg.mlm_weight:
+            loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
+        return loss, {"masked": count(pos), **counters}
+
+    @staticmethod
+    def idle(part):
+        """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
+        parameter in every step's backward pass; on one process nothing is added (and AdamW leaves the idle
+        head alone, where under torchrun its zero gradient still lets weight decay shrink it)."""
+        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
+
+def student_curve(student, concepts, dev):
+    """-> curve() of the student at the fixed dev masks: its KL to its concept targets -- a teacher's
+    ConceptTargets, computed once, or with --teacher self (concepts: the SelfConcepts loss) those of its own
+    states under its current dictionary, and then also the norm of its states' mean direction, 1 when every
+    state points the same way (a collapse would show here)."""
+    own = isinstance(concepts, SelfConcepts)
+    fixed = None if own else [concepts(ids, pos)[0] for ids, _, pos in dev.batches]  # [(M, K)]
+
+    def curve():
+        kl, n, direction = 0.0, 0, 0.0
+        for i, (_, x, pos) in enumerate(dev.batches):
+            h = student(x, pos=pos)  # (M, C)
+            n += len(h)
+            if not own:
+                p = fixed[i]
+            else:
+                direction = direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
+                p = concepts.targets and concepts.targets.of_states(concepts.states_of(h, x, pos))[0]
+            if p is not None:
+                kl = kl + concept_kl(student.concept_logits(h), p) * len(p)
+        point = {"state_alignment": float(direction.norm()) / n} if own else {}
+        return point | ({"dev_kl": float(kl) / n} if not own or concepts.targets else {})
+    return curve
+
+# --- 7. The frozen backbone and its linear token head (BabyLM 2024) ------------------------------------------
+def freeze(model):
+    """subtle: requires_grad=False keeps the optimiser away; eval() switches dropout off."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+def unigram_logp(rows, vocab_size):
+    """Log training-set frequencies of the tokens, add-one smoothed -> (V,) float32."""
+    counts = np.bincount(rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+def make_head(cfg, rows, vocab_size):
+    """The token head of a frozen student: a linear layer with bias from its K concept logits to V token
+    logits, trained with L_MLM while every student parameter stays as it was.
+
+    Init (ours; the paper does not say): W = 0 and b = log unigram frequencies of the training rows, so the
+    head starts as the unigram model and what it learns beyond that comes from the concepts. With PyTorch's
+    default init, concept logits of magnitude ~10 give token logits far from any sensible distribution."""
+    head = nn.Linear(cfg.n_concepts, vocab_size)
+    # BEGIN EXERCISE 8: the head's initialisation
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(unigram_logp(rows, vocab_size))
+    # END EXERCISE 8
+    return head
+
+def head_scorer(student, head):
+    """Frozen student + token head as a token scorer."""
+    return lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
+
+# === Training: one loop for the teacher, the student, the head, the baseline and fine-tuning ==============
+# AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
+# torchrun, atomic checkpoints, exact resume.
+def make_optimizer(model, lr, steps, cfg, device):
+    """AdamW over the trainable parameters, and its schedule: linear warmup over cfg.warmup of the steps,
+    then linear decay to zero. -> (optimizer, scheduler)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # no weight decay on biases, LayerNorm gains and embeddings (and so never on the head's unigram-initialised
+    # bias): decay pulls them towards 0, which is no sensible prior for them
+    decays = [p.dim() >= 2 and "emb" not in n for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decays) if d]},
+              {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    warm = max(1, round(cfg.warmup * steps))
+    factor = lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm))  # of the peak lr at step s
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+class Stopwatch:
+    """Training seconds across restarts, with the time spent on curve points left out."""
+
+    def __init__(self, before):
+        self.before, self.t0 = before, time.time()
+
+    def seconds(self):
+        return self.before + time.time() - self.t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        seconds = self.seconds()
+        yield
+        self.before, self.t0 = seconds, time.time()
+
+def save_checkpoint(path, parts, loss_fn, progress):
+    """The state dicts of parts {name: model, optimizer, ...}, the loss function's state (when it keeps one,
+    as --teacher self's dictionary) and the progress {step, totals, elapsed, curve}, atomically."""
+    ck = {name: part.state_dict() for name, part in parts.items()} | progress
+    if hasattr(loss_fn, "state_dict"):
+        ck["loss_state"] = loss_fn.state_dict()
+    atomic_write(path, lambda f: torch.save(ck, f))
+
+def resume(path, parts, loss_fn, device):
+    """Load a checkpoint written by save_checkpoint into parts and loss_fn -> its progress, or a fresh start."""
+    if not path.exists():
+        return {"step": 0, "totals": {}, "elapsed": 0.0, "curve": []}
+    ck = load(path)
+    for name, part in parts.items():
+        part.load_state_dict(ck.get(name, {}))  # "scaler": {} in checkpoints from before fp16 support
+    if "loss_state" in ck:
+        loss_fn.load_state_dict(ck["loss_state"])
+    return {"step": ck["step"], "totals": {k: v.to(device) for k, v in ck["totals"].items()},
+            "elapsed": ck["elapsed"], "curve": ck["curve"]}
+
+def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
+    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(net, step) -> (loss, counters),
+    where net is the model to call: `model`, or wrapped by DistributedDataParallel under torchrun (parallel=False:
+    this process trains alone) and by torch.compile with --compile. Counters are summed over steps (and
+    processes). curve() -> {name: float} is measured before the first step and at cfg.curve_points evenly
+    spaced steps, outside the training time. <out>/<name>.ckpt.pt is resumed when it exists.
+    -> (totals, training seconds, curve points)."""
+    rank, world = shard() if parallel else (0, 1)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
+    net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
+    optimizer, schedule = make_optimizer(model, lr, steps, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = step_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled up first
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parts, path = dict(model=model, opt=optimizer, sched=schedule, scaler=scaler), Path(out) / f"{name}.ckpt.pt"
+    progress = resume(path, parts, loss_fn, device)
+    if progress["step"]:
+        print(f"{name}: resuming at step {progress['step']} of {steps}")
+    totals, points, clock = progress["totals"], progress["curve"], Stopwatch(progress["elapsed"])
+    at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
+
+    def measure(step):  # a curve point, on rank 0 alone (the others wait in the next step's all-reduce)
+        if rank == 0 and step in at_steps and not any(p["step"] == step for p in points):
+            with clock.paused(), torch.no_grad():
+                model.eval()
+                points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len,
+                               "seconds": clock.seconds(), **curve()})
+
+    bar, recent = tqdm(range(progress["step"], steps), initial=progress["step"], total=steps, desc=name,
+                       disable=rank > 0), 0.0
+    for step in bar:
+        measure(step)
+        model.train()
+        torch.manual_seed(step_seed(cfg, DROPOUT, step) + rank)  # dropout too is a function of the step alone
+        with autocast:
+            loss, counters = loss_fn(net, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # without fp16, scaler passes everything through unchanged
+        scaler.unscale_(optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        scaler.step(optimizer)  # skipped where fp16 gradients overflowed (and the scale is lowered)
+        scaler.update()
+        schedule.step()
+        add_counters(totals, counters, world)
+        recent = recent + loss.detach()
+        if (step + 1) % cfg.log_every == 0:  # .item() waits for the device: only at log intervals
+            if world > 1:  # the loss of the whole batch, not of this process's share
+                dist.all_reduce(recent)
+            bar.set_postfix(loss=f"{recent.item() / cfg.log_every / world:.4f}", **unsolved_share(totals))
+            recent = 0.0
+        if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            progress = dict(step=step + 1, totals={k: v.cpu() for k, v in totals.items()}, elapsed=clock.seconds(),
+                            curve=points)
+            save_checkpoint(path, parts, loss_fn, progress)
+    measure(steps)
+    sync(device)  # the time is the device's: it may still be running the last steps
+    model.eval()
+    return {k: float(v) for k, v in totals.items()}, clock.seconds(), points
+
+def add_counters(totals, counters, world):
+    """Add a step's counters to the totals; under torchrun, those of the whole batch (one small all-reduce, no
+    wait on the host)."""
+    if world > 1 and counters:
+        summed = torch.stack(list(counters.values()))
+        dist.all_reduce(summed)
+        counters = dict(zip(counters, summed))
+    for k, v in counters.items():
+        totals[k] = totals.get(k, 0) + v.detach()
+
+def unsolved_share(totals):
+    """{"unsolved": share} for the progress bar, once more than 1% of the targets so far had no exact code."""
+    if "unsolved_codes" not in totals:
+        return {}
+    share = float(totals["unsolved_codes"]) / max(1.0, float(totals["masked"]))
+    return {"unsolved": f"{share:.1%}"} if share > 0.01 else {}
+
+def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
+    """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
+    path = Path(out) / f"{name}.pt"
+    if path.exists():
+        ck = load(path)
+        model.load_state_dict(ck["model"])
+        if "loss_state" in ck:
+            loss_fn.load_state_dict(ck["loss_state"])
+        return model.eval(), ck["info"]
+    totals, seconds, points = train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve)
+    info = {"totals": totals, "seconds": seconds, "curve": points}
+    if shard()[0] == 0:
+        state = {"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}
+        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info, **state}, f))
+        (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    return model, info
+
+# === Stages 3-6: the teacher, the concepts, the student, the head ========================================
+def make_mlm_loss(model, rows, cfg, salt, device):
+    """loss_fn(net, step) for plain MLM: the model sees the masked input and predicts the original tokens."""
+    def loss_fn(net, step):
+        ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
+        h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
+        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
+    return loss_fn
+
+def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, dev=None):
+    """The teacher (TEACHER_BATCHES), or the MLM baseline (STUDENT_BATCHES: the student's batches and masks)."""
+    model = build_encoder(cfg, vocab_size).to(device)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return train_or_load(name, model, make_mlm_loss(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device,
+                         dev and partial(dev.point, mlm_scorer(model)))
+
+def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
+    """Stage 4: the dictionary, learned once (by rank 0 under torchrun) from teacher states and saved.
+    -> (the teacher's ConceptTargets, info with the dictionary's quality on held-out dev states)."""
+    path = Path(out) / "dictionary.npz"
+    if shard()[0] == 0 and not path.exists():
+        t0 = time.time()
+        H, _ = teacher_states(teacher, train_rows, cfg, cfg.dict_tokens, device, cfg.seed)
+        if len(H) < cfg.n_concepts:
+            raise UserError(f"only {len(H)} teacher states for {cfg.n_concepts} concepts; lower --n_concepts "
+                            f"or give more data")
+        H = torch.from_numpy(H)
+        mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])  # (C,)
+        print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
+        D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
+        Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
+        info = {**code_quality(make_coder(D, cfg), normalise_states(torch.from_numpy(Hd), mean)),
+                "seconds": time.time() - t0}
+        atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
+    barrier()
+    z = load(path)
+    D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
+    if info["unsolved"] and cfg.coder == "exact" and shard()[0] == 0:
+        print(f"warning: {info['unsolved']} held-out codes were not solved within --coder_rounds {cfg.coder_rounds}; "
+              f"such masked tokens get no target in the student's training: raise --coder_rounds", file=sys.stderr)
+    return ConceptTargets(teacher, make_coder(D.to(device), cfg), mean.to(device), cfg.teacher_layer), info
+
+def train_student(cfg, targets, rows, dev, vocab_size, out, device):
+    """Stage 5: the student, trained with MLSM on the teacher's concepts (targets), or with --teacher self
+    (targets None) on its own. -> (student, info, the concept targets its training ended with)."""
+    student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
+    print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
+    if not cfg.mlm_weight and targets is not None:  # subtle: the token head gets no gradient; DDP must know
+        for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
+            p.requires_grad_(False)
+    loss_fn = SelfConcepts(student, rows, cfg, device) if targets is None else \
+        make_mlsm_loss(student, targets, rows, cfg, device)
+    curve = dev and student_curve(student, targets or loss_fn, dev)
+    student, info = train_or_load("student", student, loss_fn, cfg.student_steps, cfg.lr, cfg, out, device, curve)
+    if targets is None:  # from here on the student is its own teacher, with its last dictionary
+        if loss_fn.targets is None:
+            raise UserError(f"--teacher self learned no dictionary in {cfg.student_steps} student steps: raise "
+                            f"--student_steps or lower --self_every")
+        targets = loss_fn.targets
+        targets.source = student
+        if dev:  # the dictionary's quality on the student's own states at the dev masks
+            with torch.no_grad():
+                X = torch.cat([normalise_states(loss_fn.states_of(student(x, pos=pos), x, pos), targets.mean)
+                               for _, x, pos in dev.batches])
+            info["dictionary"] = {**code_quality(targets.coder, X), "seconds": 0.0, "in_student_seconds": loss_fn.seconds}
+    return student, info, targets
+
+def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
+    """Stage 6: only the linear token head on the frozen student's concept logits, trained with L_MLM."""
+    freeze(student)
+    head = make_head(cfg, rows, vocab_size).to(device)
+
+    def loss_fn(net, step):
+        ids, x, pos = get_batch(rows, cfg, HEAD_BATCHES, step, device)
+        with torch.no_grad():
+            z = student.concept_logits(student(x, pos=pos))  # (M, K)
+        return mlm_loss(net(z.float()), at(ids, pos)), {}
+
+    return train_or_load("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
+                         dev and partial(dev.point, head_scorer(student, head)))
+
+# === Evaluation: dev loss, minimal pairs by pseudo-log-likelihood, the dictionary, fine-tuning, report ====
+EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
+
+def dev_batches(rows, cfg, device):
+    """The first eval_rows dev rows in batches, each with its fixed masks: the same for every model, every
+    curve point and every --mask_rate. -> [(ids (B, T), masked ids (B, T), positions (B, m))]."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    rows = rows[: cfg.eval_rows]
+    batches = []
+    for i in range(0, len(rows), cfg.batch_size):
+        ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
+        batches.append((ids, *mask_tokens(ids, EVAL_MASK_RATE, gen)))
+    return batches
+
+class DevSet:
+    """What every model is measured on along its training: the dev batches with their fixed masks, and the
+    first curve_pairs pairs of each BLiMP paradigm. point(token_logits) is one learning-curve point."""
+
+    def __init__(self, rows, cfg, tok, pair_sets, device):
+        self.batches, self.cfg, self.tok, self.device = dev_batches(rows, cfg, device), cfg, tok, device
+        self.pairs = {k: v[: cfg.curve_pairs] for k, v in pair_sets.get("BLiMP", {}).items()} if cfg.curve_pairs else {}
+
+    def point(self, token_logits):
+        r = {"dev_loss": eval_mlm(token_logits, self.batches)["dev_loss"]}
+        if self.pairs:
+            r["BLiMP"] = minimal_pairs(token_logits, self.tok, self.pairs, self.cfg, self.device)["macro"]
+        return r
+
+@torch.no_grad()
+def eval_mlm(token_logits, batches):
+    """Dev MLM loss and accuracy of a token scorer on dev_batches, the same fixed masks for every model."""
+    loss = correct = n = 0.0
+    for ids, x, pos in batches:
+        logits = token_logits(x, None, pos).float()  # (M, V); keep None: full rows, no padding
+        y = at(ids, pos)  # (M,)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += len(y)
+    return {"dev_loss": loss / max(n, 1), "dev_acc": correct / max(n, 1)}
+
+def unigram_scorer(train_rows, vocab_size, device):
+    """A model that ignores context, train-set unigram frequencies, as token_logits: the floor of
+    the dev loss, and on minimal pairs what word frequency alone gets right."""
+    logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
+    return lambda ids, keep, pos: logp.repeat(pos.numel(), 1)  # (M, V)
+@torch.no_grad()
+def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
+    """Pseudo-log-likelihood of each sentence s = s_1 .. s_n (Salazar et al. 2020):
+        PLL(s) = sum_i log p(s_i | s with token i masked)
+    and by default its word-l2r variant (Kauf & Ivanova 2023): when token i is scored, the later
+    tokens of the same word are masked too, so that a word split into pieces cannot be read off its
+    own pieces (" walk|ing": "ing" would give away " walk"). A word is one pre-token of the tokenizer.
+    The softmax is over real tokens: special tokens are never the answer.
+
+    Batched: one masked copy of a sentence per scored token, copies of similar length in one batch.
+    token_logits(ids (B, T), keep (B, T), pos (B, 1)) -> (B, V). Sentences longer than seq_len are
+    cut to it. -> (N,) float64 numpy."""
+    seqs, words = [], []  # token ids, and the index of the word each token belongs to (-1: special)
+    for s in sentences:
+        pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]
+        ids = [i for p in pieces for i in p][: cfg.seq_len - 2]
+        seqs.append([CLS] + ids + [SEP])
+        words.append([-1] + [w for w, p in enumerate(pieces) for _ in p][: len(ids)] + [-1])
+    L = max(map(len, seqs))
+    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (N, L)
+    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (N, L)
+    for j, (q, w) in enumerate(zip(seqs, words)):
+        padded[j, :len(q)], word[j, :len(w)] = q, w
+    jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
+    pll, b = np.zeros(len(seqs)), 0
+    while b < len(jobs):
+        e = b + 1  # grow the batch while its padded size stays within 2 training batches of tokens
+        # (bigger batches were slower on a CPU: their activations fall out of the cache)
+        while e < len(jobs) and (e + 1 - b) * jobs[e][0] <= 2 * cfg.batch_size * cfg.seq_len:
+            e += 1
+        chunk, b = jobs[b:e], e
+        T = chunk[-1][0]  # the longest copy is last
+        rows, at_i = np.array([j for _, j, _ in chunk]), np.array([i for _, _, i in chunk])  # (B,), (B,)
+        ids, w = padded[rows, :T], word[rows, :T]  # (B, T) each
+        later = np.arange(T) >= at_i[:, None]  # (B, T): position i and those after it
+        hide = later & (w == w[np.arange(len(chunk)), at_i][:, None]) if word_l2r else np.arange(T) == at_i[:, None]
+        ids, hide = torch.from_numpy(ids).to(device), torch.from_numpy(hide).to(device)
+        pos = torch.from_numpy(at_i[:, None]).to(device)  # (B, 1): the scored position of each copy
+        logits = token_logits(ids.masked_fill(hide, MASK), ids != PAD, pos).float()  # (B, V)
+        logits[:, :N_SPECIAL] = -math.inf
+        logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
+        np.add.at(pll, rows, logp.cpu().double().numpy())
+    return pll
+def minimal_pairs(token_logits, tok, pairs, cfg, device):
+    """Accuracy on minimal pairs {paradigm: [(good, bad)]}: right only if PLL(good) > PLL(bad)
+    strictly; ties are counted, and count as wrong (the official BabyLM pipelines count them right)."""
+    flat = [p for ps in pairs.values() for p in ps]
+    word_l2r = cfg.pll == "word_l2r"
+    good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device, word_l2r)
+    bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device, word_l2r)
+    per, i = {}, 0
+    for name, ps in pairs.items():
+        per[name] = float((good[i:i + len(ps)] > bad[i:i + len(ps)]).mean())
+        i += len(ps)
+    return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
+            "pairs": len(flat), "paradigms": per}
+def code_quality(coder, X):
+    """How well a dictionary codes normalised states X (N, C): relative reconstruction error, mean
+    non-zeros, the share of all-zero codes and the number of codes left unsolved."""
+    A, solved = coder.encode(X)
+    nnz = (A > 0).sum(-1).float()
+    return {"rel_error": float(((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
+            "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum())}
+
+@torch.no_grad()
+def read_concepts(targets, tok, rows, cfg, device, top=12, per=6):
+    """The `top` most used concepts on dev text, each with the `per` tokens (distinct types) whose codes weigh
+    most on it, in context -- the 'quasi-symbolic' knowledge a student learns."""
+    rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
+    ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
+    h = targets.source(ids, layer=targets.layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
+    A = targets.coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), targets.mean))[0].cpu()  # (B (T-2), K)
+    share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
+    concepts = []
+    for k in share.argsort(descending=True)[:top].tolist():
+        examples, types = [], set()
+        for n in A[:, k].argsort(descending=True).tolist():
+            r, i = divmod(n, cfg.seq_len - 2)
+            t = int(rows[r, i + 1])
+            if A[n, k] <= 0 or len(examples) == per:
+                break
+            if t not in types:
+                types.add(t)
+                left, right = tok.decode(rows[r, max(1, i - 3):i + 1]), tok.decode(rows[r, i + 2:i + 5])
+                examples.append({"token": tok.decode([t]), "weight": round(float(A[n, k]), 4),
+                                 "context": f"{left}[{tok.decode([t])}]{right}".replace("\n", " ")})
+        concepts.append({"concept": k, "share_of_tokens": round(float(share[k]), 4), "examples": examples})
+    return concepts
+
+@torch.no_grad()
+def word_class_amis(targets, student, tok, dev_rows, cfg, device):
+    """--preset toy: how well concepts recover the toy language's word classes, as adjusted mutual information
+    (0: chance, 1: the classes themselves) -- the top concept of the codes of 3,000 dev tokens, and the
+    student's top predicted concept at the masked positions of 64 dev rows."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    def ami(ids, concepts):
+        return float(adjusted_mutual_info_score([toy_word_class(tok.decode([i]).strip()) for i in ids], concepts))
+    H, ids = teacher_states(targets.source, dev_rows, cfg, 3000, device, 0)
+    A, _ = targets.coder.encode(normalise_states(torch.from_numpy(H).to(device), targets.mean))  # (N, K)
+    rows = torch.from_numpy(dev_rows[:64].astype(np.int64)).to(device)  # (B, T)
+    x, pos = mask_tokens(rows, cfg.mask_rate, torch.Generator(device=device).manual_seed(0))
+    predicted = student.concept_logits(student(x, pos=pos)).argmax(1)  # (M,)
+    return {"codes": ami(ids, A.argmax(1).cpu().numpy()), "student": ami(at(rows, pos).tolist(), predicted.cpu().numpy())}
+
+class PairClassifier(nn.Module):
+    """A pretrained encoder with a fresh linear classifier over the [CLS] state."""
+
+    def __init__(self, encoder, n_labels):
+        super().__init__()
+        self.encoder, self.clf = encoder, nn.Linear(encoder.ln_f.normalized_shape[0], n_labels)
+
+    def forward(self, ids, keep):
+        return self.clf(self.encoder(ids, keep)[:, 0])  # (B, n_labels)
+def encode_pairs(tok, pairs, seq_len):
+    """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
+    each sentence cut to half of what fits."""
+    half = (seq_len - 3) // 2
+    seqs = [[CLS] + tok.encode(a)[:half] + [SEP] + tok.encode(b)[:half] + [SEP] for a, b, _ in pairs]
+    ids = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, :len(q)] = torch.tensor(q)
+    return ids, torch.tensor([y for _, _, y in pairs])
+def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
+    """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
+    with cross-entropy: -> validation accuracy and, for two classes, F1 of class 1."""
+    encoder = build_encoder(cfg, tok.vocab_size)
+    encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("concept_head.")})  # strict
+    n_labels = max(y for *_, y in train_pairs + valid_pairs) + 1
+    torch.manual_seed(seed)  # the seed picks the classifier's initial weights and the batches
+    model = PairClassifier(encoder, n_labels).to(device)
+    X, Y = encode_pairs(tok, train_pairs, cfg.seq_len)
+    run_cfg = dataclasses.replace(cfg, seed=seed, compile=False)  # lengths vary: compiling would not pay
+
+    def loss_fn(net, step):
+        idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, FINETUNE_BATCHES, step)).integers(0, len(X), cfg.batch_size))
+        ids = X[idx]  # (B, T)
+        ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
+        return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
+
+    train_loop(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device, parallel=False)
+    (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    Xv, Yv = encode_pairs(tok, valid_pairs, cfg.seq_len)
+    with torch.no_grad():
+        pred = torch.cat([model(Xv[i:i + 256].to(device), Xv[i:i + 256].to(device) != PAD).argmax(-1).cpu()
+                          for i in range(0, len(Xv), 256)])
+    r = {"acc": float((pred == Yv).float().mean())}
+    if n_labels == 2:  # F1 of the positive class: 2 TP / (2 TP + FP + FN)
+        tp = int(((pred == 1) & (Yv == 1)).sum())
+        r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
+    return r
+def fingerprint(state):
+    """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+def probe(models, cfg, tok, tasks, out, device):
+    """Fine-tune every model x task x seed, with identical settings; each result is cached in
+    finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
+    retrained model is probed anew. -> {task: {model: {"acc": {mean, std, runs}, "f1": ...}}}."""
+    path = Path(out) / "finetune.json"
+    done = load(path) if path.exists() else {}
+    summary = {}
+    for task, (train_pairs, valid_pairs) in tasks.items():
+        for model_name, state in models.items():
+            weights, runs = fingerprint(state), []
+            for seed in range(cfg.finetune_seeds):
+                key = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
+                if key not in done:
+                    done[key] = finetune(state, cfg, tok, train_pairs, valid_pairs, seed,
+                                         f"finetune_{task}_{weights}_{seed}", out, device)
+                    save_json(path, done)
+                runs.append(done[key])
+            summary.setdefault(task, {})[model_name] = {
+                m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
+                    "runs": [r[m] for r in runs]} for m in runs[0]}
+    return summary
+MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
+def chart(curves, key, title, width=64, height=10):
+    """Learning curves {name: [{"tokens": .., key: ..}, ..]} as a text chart of `key` against tokens
+    seen, each curve drawn with its letter in MARKS ('*' where curves overlap)."""
+    series = {name: [(p["tokens"], p[key]) for p in pts if key in p] for name, pts in curves.items() if pts}
+    series = {name: xy for name, xy in series.items() if xy}
+    if not series:
+        return
+    xs, ys = [x for xy in series.values() for x, _ in xy], [y for xy in series.values() for _, y in xy]
+    lo, hi, right = min(ys), max(ys), max(xs) or 1
+    grid = [[" "] * (width + 1) for _ in range(height + 1)]
+    for name, xy in series.items():
+        for x, y in xy:
+            r, c = round((hi - y) / ((hi - lo) or 1) * height), round(x / right * width)
+            grid[r][c] = MARKS[name] if grid[r][c] in (" ", MARKS[name]) else "*"
+    print(f"\n{title}")
+    for r, row in enumerate(grid):
+        print(f"{hi - r * (hi - lo) / height:8.3f} |" + "".join(row))
+    print(" " * 9 + "+" + "-" * (width + 1))
+    print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
+    print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
+def print_table(results):
+    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks."""
+    models, tasks = results["models"], list(results["majority_class"])
+    columns = {"dev loss": lambda r: f"{r['dev_loss']:.3f}", "dev acc": lambda r: f"{r['dev_acc']:.3f}"}
+    for s in ("BLiMP", "supplement"):
+        columns[f"{s} (ties)"] = lambda r, s=s: f"{r[s]['macro']:.3f} ({r[s]['ties']})"
+    for t in tasks:
+        acc = lambda r, t: r["finetune"][t]["acc"]
+        columns[f"{t} acc"] = lambda r, t=t: f"{acc(r, t)['mean']:.3f}±{acc(r, t)['std']:.3f}"
+    if len(tasks) > 1:
+        columns["tasks macro"] = lambda r: f"{r['finetune_macro']:.3f}"
+    columns["train time"] = lambda r: f"{r['seconds'] / 60:.1f} min"
+
+    def cell(fn, r):  # '-' where a model has no such number
+        try:
+            return fn(r)
+        except (KeyError, TypeError):
+            return "-"
+    table = {name: [cell(fn, r) for fn in columns.values()] for name, r in models.items()}
+    shown = [i for i in range(len(columns)) if any(row[i] != "-" for row in table.values())]
+    widths = [max(len(name), *(len(row[i]) for row in table.values())) + 2 for i, name in enumerate(columns)]
+    print("\n" + "=" * 100)
+    print(f"{'model':<21}" + "".join(f"{list(columns)[i]:>{widths[i]}}" for i in shown))
+    for name, row in table.items():
+        print(f"{name:<21}" + "".join(f"{row[i]:>{widths[i]}}" for i in shown))
+
+def report(results):
+    """The table, what its numbers are, the dictionary, the times, and the learning curves."""
+    print_table(results)
+    models, c, tasks, fista = results["models"], results["config"], results["majority_class"], results["config"][
+        "coder"] == "fista"
+    print(f"dev: masked tokens of the same {c['eval_rows']} dev rows for every model; minimal pairs: macro average "
+          f"over paradigms, ties count as wrong; fine-tuning: validation accuracy, mean ± std over "
+          f"{c['finetune_seeds']} seeds; " + ("MLSM rows also need the teacher and dictionary "
+          f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)" if c["teacher"] != "self" else
+          "--teacher self: no teacher, the student's own dictionaries are part of its time"))
+    for t in tasks:
+        f1 = "; ".join(f"{m} {r['finetune'][t]['f1']['mean']:.3f} ± {r['finetune'][t]['f1']['std']:.3f}"
+                       for m, r in models.items() if "f1" in r.get("finetune", {}).get(t, {}))
+        print(f"{t}: majority class {tasks[t]:.3f}" + (f"; F1 {f1}" if f1 else ""))
+    if len(tasks) > 1:
+        print(f"tasks macro: majority class {np.mean(list(tasks.values())):.3f}")
+    d, n = results["dictionary"], results["student_unsolved_codes"]
+    print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros per code, "
+          f"{d['zero_share']:.2%} all-zero codes (dev states); in student training {results['student_zero_codes']:.2%}"
+          f" all-zero codes (no target: they add 0 to the loss, as in the original) and {n:.0f} " +
+          ("FISTA codes that fail the optimality test (targets all the same)" if fista else "unsolved (no target)"))
+    if n / max(1, results["tokens_seen"]["MLSM student"]) > 0.01 and not fista:
+        print(f"warning: {n / results['tokens_seen']['MLSM student']:.1%} of the student's targets had no exact code "
+              f"within --coder_rounds {c['coder_rounds']}, and so taught it nothing: raise --coder_rounds")
+    if "word_class_ami" in results:
+        print("word classes of the toy language: adjusted mutual information with the top concept of the codes "
+              "{codes:.3f}, of the student's predictions {student:.3f} (0: chance, 1: the classes)"
+              .format(**results["word_class_ami"]))
+    times = results["seconds"]
+    evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
+    print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation "
+          f"({results['world_size']} process(es)); " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    curves = {k: v for k, v in results["curves"].items() if k != "MLSM student"}
+    chart(curves, "dev_loss", f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram "
+                              f"{models['unigram']['dev_loss']:.3f})")
+    chart(curves, "BLiMP", f"learning curves: BLiMP, first {c['curve_pairs']} pairs per paradigm")
+    student = {"MLSM student": results["curves"]["MLSM student"]}
+    source = "its own" if c["teacher"] == "self" else "the teacher's"
+    chart(student, "dev_kl", f"learning curve: student's dev KL to {source} concepts")
+    chart(student, "state_alignment", "learning curve: norm of the student's mean state direction at the dev "
+                                      "masks (1: every state alike)")
+    print("=" * 100)
+
+# === The pipeline: run() chains the stages ===================================================================
+def run(cfg):
+    device = join_processes(cfg)  # under torchrun: this process's device, in the process group
+    rank, world = shard()
+    out = Path(cfg.out)
+    if rank == 0:  # work that is not data-parallel is done once; the other processes load what it wrote
+        fetch_missing(cfg)  # a missing --data (or other path) stops the run before anything is written
+        prepare_out(cfg)
+        make_rows(cfg, out)  # stages 1-2: tokenizer and token rows
+    barrier()
+    tok, train_rows, dev_rows = load_rows(cfg, out)
+    V = tok.vocab_size
+    pair_sets, tasks = read_evaluation_data(cfg) if rank == 0 else ({}, {})  # a bad file stops the run now
+    dev = DevSet(dev_rows, cfg, tok, pair_sets, device) if rank == 0 else None  # for the learning curves
+    warn_if_slow(cfg, sum(p.numel() for p in build_encoder(cfg, V).parameters()), device)
+
+    # 3-6: the teacher and its concepts (none with --teacher self), the student, its head, the MLM baseline
+    teacher, teacher_info, targets, dict_info = None, {"seconds": 0.0}, None, None
+    if cfg.teacher == "separate":
+        teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, TEACHER_BATCHES, out,
+                                          device, dev)
+        targets, dict_info = learn_concepts(cfg, freeze(teacher), train_rows, dev_rows, out, device)
+    student, student_info, targets = train_student(cfg, targets, train_rows, dev, V, out, device)
+    head, head_info = train_head(cfg, student, train_rows, V, out, device, dev)
+    baseline, baseline_info = None, {}
+    if cfg.baseline:  # on the student's batches and masks
+        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, STUDENT_BATCHES, out,
+                                            device, dev)
+        freeze(baseline)
+    if rank > 0:
+        return None
+
+    # 7: evaluation
+    t0 = time.time()
+    concepts = read_concepts(targets, tok, dev_rows, cfg, device)
+    save_json(out / "concepts.json", concepts)
+    print("most used concepts, with the tokens that weigh most on them:")
+    for c in concepts[:8]:
+        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): "
+              + " | ".join(e["context"] for e in c["examples"][:3]))
+    models = score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, student, head, device)
+    for name, seconds in [("teacher (MLM)", teacher_info["seconds"]), ("MLM baseline", baseline_info.get("seconds")),
+                          ("MLSM student", student_info["seconds"]),
+                          ("MLSM student + head", student_info["seconds"] + head_info["seconds"])]:
+        if name in models:
+            models[name]["seconds"] = seconds
+    dict_info = dict_info or student_info["dictionary"]
+    times = {**load(out / "times.json"), "teacher": teacher_info["seconds"], "concepts": dict_info["seconds"],
+             "student": student_info["seconds"], "head": head_info["seconds"]}
+    times.update({"baseline": baseline_info["seconds"]} if cfg.baseline else {}, evaluation=time.time() - t0)
+    if tasks:  # fine-tuning replaces the heads, so MLSM student and MLSM student + head are one model here
+        t0 = time.time()
+        fine_tune_all({"MLM baseline": baseline, "MLSM student": student}, models, cfg, tok, tasks, out, device)
+        times["finetune"] = time.time() - t0
+    results = collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, student_info, head_info,
+                              baseline_info)
+    if cfg.preset == "toy":
+        results["word_class_ami"] = word_class_amis(targets, student, tok, dev_rows, cfg, device)
+    save_json(out / "results.json", results)
+    report(results)
+    return results
+
+def score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, student, head, device):
+    """Dev loss and accuracy, and minimal pairs, of every model that predicts tokens (None: not trained).
+    -> {model name: numbers}; the student alone predicts concepts, unless trained with the joint loss."""
+    scorers = {"unigram": unigram_scorer(train_rows, tok.vocab_size, device),
+               "teacher (MLM)": teacher and mlm_scorer(teacher), "MLM baseline": baseline and mlm_scorer(baseline),
+               "MLSM student": cfg.mlm_weight and mlm_scorer(student), "MLSM student + head": head_scorer(student, head)}
+    models = {}
+    for name, token_logits in scorers.items():
+        if token_logits or name == "MLSM student":  # the student is fine-tuned all the same
+            models[name] = {"seconds": None}
+        if token_logits:
+            models[name].update(eval_mlm(token_logits, dev.batches))
+            for set_name, pairs in pair_sets.items():
+                models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
+    return models
+
+def fine_tune_all(encoders, models, cfg, tok, tasks, out, device):
+    """Fine-tune each encoder (None: not trained) on every task; the scores go into models[name]["finetune"],
+    with their macro average over tasks of the mean accuracy over seeds."""
+    states = {name: model.state_dict() for name, model in encoders.items() if model is not None}
+    for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
+        for name, r in per_model.items():
+            models[name].setdefault("finetune", {})[task] = r
+    for name in states:
+        models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
+
+def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, student_info, head_info, baseline_info):
+    """Everything the report shows, as saved in results.json."""
+    st, student_tokens = student_info["totals"], cfg.student_steps * cfg.batch_size * cfg.seq_len
+    return {"models": models, "dictionary": dict_info,
+            "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
+            "student_unsolved_codes": st.get("unsolved_codes", 0),
+            "tokens_seen": {"MLSM student": st.get("masked", 0),
+                            "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
+            "majority_class": {t: float(np.bincount([y for *_, y in valid]).max() / len(valid))
+                               for t, (_, valid) in tasks.items()},
+            "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
+            "curves": {"teacher": teacher_info.get("curve"),
+                       "MLM baseline": cfg.baseline and baseline_info.get("curve"),
+                       "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
+                       "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
+                                               for p in head_info.get("curve") or []]},
+            "seconds": times, "world_size": world, "config": dataclasses.asdict(cfg)}
+
+# === Machinery: nothing below is needed to follow the method ===============================================
+# Files, the BPE tokenizer, corpus reading, seeding and sharding, evaluation data, downloads, the command line,
+# devices and processes, the toy language, the handout, the benchmark.
+
+# --- Files --------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line, without a traceback."""
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place.
+
+    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
+    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+def load(path):
+    """An artifact, read by its suffix; a damaged file becomes a UserError that says what to do."""
+    readers = {".pt": lambda p: torch.load(p, map_location="cpu", weights_only=True),
+               ".json": lambda p: json.loads(Path(p).read_text()), ".npy": np.load, ".npz": lambda p: dict(np.load(p))}
+    try:
+        return readers[Path(path).suffix](path)
+    except Exception as e:  # torch, numpy and json raise many different types for a bad file
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"delete it, or re-run with --fresh") from None
+
+# --- Stage 1: byte-level BPE tokenizer ----------------------------------------------------------------------
+# Text is first split into pre-tokens (a word with its leading space, a number, a run of punctuation,
+# whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives cover every character, so
+# concatenating the pre-tokens gives back the text exactly.
+PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 def merge_pair(ids, pair, new_id):
     """Replace every non-overlapping occurrence of `pair`, left to right, by `new_id`."""
     out, i = [], 0
@@ -182,7 +1458,6 @@ def merge_pair(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
-
 class Tokenizer:
     def __init__(self, merges):
         self.merges = [tuple(p) for p in merges]
@@ -271,7 +1546,28 @@ class Tokenizer:
     def load(cls, path):
         return cls(load(path)["merges"])
 
-# --- Stage 2: token ids packed into fixed-length rows, and masking --------------------------------
+# --- Stage 2: the corpus, packed into rows ----------------------------------------------------------------------
+def find_corpus(path):
+    """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
+    path = Path(path)
+    if path.is_file():
+        return [path], []
+    if not path.is_dir():
+        raise UserError(f"--data {path} does not exist; give a text file or a folder of *.train / *.txt files")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".train", ".txt", ".dev"))
+    dev = [p for p in files if p.suffix == ".dev" or "dev" in p.relative_to(path).parts[:-1]]
+    train = [p for p in files if p not in dev]
+    if not train:
+        raise UserError(f"--data {path} holds no *.train or *.txt files")
+    return train, dev
+def read_text(path):
+    """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
+    invalid UTF-8 bytes become U+FFFD instead of crashing."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "\n".join(line.rstrip("\n") for line in f if line.strip())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 def read_corpus(cfg):
     """--data -> (train texts, dev texts), one per file. With --train_words, each train text is cut
     to the same share of its length, at a space, so that together they hold about that many words."""
@@ -282,7 +1578,6 @@ def read_corpus(cfg):
         cuts = [t.find(" ", int(len(t) * cfg.train_words / words)) for t in train]
         train = [t[:c] if c >= 0 else t for t, c in zip(train, cuts)]
     return train, [read_text(p) for p in dev_files]
-
 def pack(ids, seq_len):
     """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
     a row is dropped."""
@@ -292,7 +1587,6 @@ def pack(ids, seq_len):
     cls = np.full((n, 1), CLS, rows.dtype)
     sep = np.full((n, 1), SEP, rows.dtype)
     return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
-
 def encode_corpus(cfg, tok, train_texts, dev_texts):
     """Texts -> (train rows, dev rows). Without dev texts, the last dev_fraction of each train
     text's tokens is held out, which is deterministic and keeps every source in both splits."""
@@ -311,1028 +1605,6 @@ def encode_corpus(cfg, tok, train_texts, dev_texts):
     empty = np.zeros(0, dtype)
     return (pack(np.concatenate(train or [empty]), cfg.seq_len),
             pack(np.concatenate(dev or [empty]), cfg.seq_len))
-
-def mask_tokens(ids, rate, gen):
-    """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = round(rate * (T-2))
-    positions per row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked), every one
-    replaced by [MASK].
-
-    As in the original, every selected token becomes [MASK] (no BERT 80/10/10, which softens the
-    mismatch with fine-tuning inputs). The original selects int(rate * n) tokens of a line; we select
-    m per packed row, so every batch has M = B m masked positions and a GPU never has to report how many."""
-    B, T = ids.shape
-    m = max(1, round(rate * (T - 2)))
-    pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1  # (B, m)
-    return ids.scatter(1, pos, MASK), pos
-
-def at(x, pos):
-    """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
-    return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
-
-def count(pos):
-    """The number of masked positions as a tensor on their device. subtle: not torch.tensor(n), which
-    lives on the CPU, where NCCL cannot sum it with the other processes' counters."""
-    return torch.full((), pos.numel(), device=pos.device)
-
-def step_seed(cfg, salt, step):
-    """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
-    resumed run draws exactly what the uninterrupted one would have."""
-    return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
-
-def to_device(t, device):
-    """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
-    one from ordinary (pageable) memory would first wait for the device to finish its work."""
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-
-def get_batch(rows, cfg, salt, step, device):
-    """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
-
-    Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
-    its own share of the rows, so N processes train on exactly the batches and masks of one."""
-    seed = step_seed(cfg, salt, step)
-    idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
-    ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rank, world = shard()
-    share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
-    return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
-
-EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
-
-def dev_batches(rows, cfg, device):
-    """The first eval_rows dev rows in batches, each with its fixed masks: the same for every model,
-    every curve point and every --mask_rate. -> [(ids (B, T), masked ids (B, T), positions (B, m))]."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    rows = rows[: cfg.eval_rows]
-    batches = []
-    for i in range(0, len(rows), cfg.batch_size):
-        ids = torch.from_numpy(rows[i:i + cfg.batch_size].astype(np.int64)).to(device)  # (B, T)
-        batches.append((ids, *mask_tokens(ids, EVAL_MASK_RATE, gen)))
-    return batches
-
-# --- Model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ------------------------
-class SelfAttention(nn.Module):
-    def __init__(self, C, H, dropout):
-        super().__init__()
-        self.H, self.dropout = H, dropout
-        self.qkv = nn.Linear(C, 3 * C)
-        self.proj = nn.Linear(C, C)
-
-    def forward(self, x, keep=None, pos=None):
-        """x (B, T, C); keep (B, T) True for real tokens, False for padding, or None (no padding);
-        pos (B, m) positions or None -> outputs at every position (B, T, C), or at pos only (B m, C)."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)  # 3x (B, H, T, C/H)
-        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T): which keys to attend to
-        # softmax(q k^T / sqrt(C/H) + mask) v; fused kernels (flash / memory-efficient) on GPU
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, C/H)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y if pos is None else at(y, pos))
-
-class Block(nn.Module):
-    def __init__(self, C, H, dropout):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn = SelfAttention(C, H, dropout)
-        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(dropout))
-
-    def forward(self, x, keep=None, pos=None):
-        """(B, T, C) -> (B, T, C), or (B m, C) at positions pos (B, m) only. Pre-LN: each sub-layer's
-        input is normalised, the residual stream is not."""
-        x = (x if pos is None else at(x, pos)) + self.attn(self.ln1(x), keep, pos)
-        return x + self.mlp(self.ln2(x))
-
-class Encoder(nn.Module):
-    """Token + position embeddings, n_layers blocks, a final LayerNorm, and two heads: a token head
-    tied to the input embeddings (MLM), and a concept head over K concepts (MLSM, when n_concepts > 0)."""
-
-    def __init__(self, vocab_size, seq_len, d_model, n_layers, n_heads, dropout=0.0, n_concepts=0):
-        super().__init__()
-        C = d_model
-        self.tok_emb = nn.Embedding(vocab_size, C)
-        self.pos_emb = nn.Embedding(seq_len, C)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(C, n_heads, dropout) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(C)
-        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C))
-        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
-        self.concept_head = None
-        self.apply(self._init)
-        # subtle: the concept head is built and initialised last, so that it draws from the random
-        # stream after everything else: a student and an MLM baseline built from the same seed then
-        # start from identical weights in every parameter they share
-        if n_concepts:
-            self.concept_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C), nn.Linear(C, n_concepts))
-            self.concept_head.apply(self._init)
-
-    @staticmethod
-    def _init(m):  # BERT's initialisation
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, ids, keep=None, layer=None, pos=None):
-        """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f);
-        with pos (B, m), only the states at those positions (B m, C), row by row.
-
-        Why pos: the losses need states at masked positions only, and there the last block needs the
-        other positions only as attention's keys and values: its projection and MLP run at the masked
-        positions alone (15% of a step at 4 layers). Positions, not a boolean mask: a mask's count is
-        data, and a GPU would have to stop and report it to size the output."""
-        B, T = ids.shape
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
-        layer = len(self.blocks) if layer in (None, -1) else layer
-        for i, block in enumerate(self.blocks[:layer]):
-            x = block(x, keep, pos if i == layer - 1 else None)
-        return self.ln_f(x) if layer == len(self.blocks) else x
-
-    def mlm_logits(self, h):
-        """h (M, C) -> token logits (M, V). subtle: the output matrix *is* tok_emb.weight (tied)."""
-        return self.mlm_transform(h) @ self.tok_emb.weight.T + self.mlm_bias
-
-    def concept_logits(self, h):
-        """h (M, C) -> concept logits (M, K)."""
-        return self.concept_head(h)
-
-def build_encoder(cfg, vocab_size, n_concepts=0):
-    torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
-    return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
-
-# --- Losses ---------------------------------------------------------------------------------------
-def mlm_loss(logits, targets):
-    """Masked-LM cross-entropy over the M masked positions only:
-    L_MLM = -1/M sum_m log softmax(logits_m)[target_m]."""
-    return F.cross_entropy(logits.float(), targets)
-
-def concept_kl(logits, target):
-    """MLSM loss, the KL divergence from the teacher's concept distribution p to the student's q:
-    L_MLSM = 1/M sum_m sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
-    As in the original (KLDivLoss, reduction="batchmean"), a row with no distribution (an all-zero
-    target) adds 0 to the sum but still counts in M. logits (M, K), target (M, K) rows summing to 1 or 0."""
-    logq = F.log_softmax(logits.float(), dim=-1)  # (M, K)
-    kl = (torch.xlogy(target, target) - target * logq).sum(-1)  # (M,); xlogy makes 0 log 0 = 0
-    return kl.mean()
-
-# --- One training loop for teacher, student and head ---------------------------------------------
-# AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
-# torchrun, atomic checkpoints, exact resume.
-def shard():
-    """(rank, number of processes): (0, 1) unless started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
-    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(net, step), where
-    net is the model to call: `model` itself, or wrapped by DistributedDataParallel under torchrun
-    (parallel=False: this process trains alone) and by torch.compile with --compile.
-
-    loss_fn -> (loss, extras): extras are counters summed over all steps (and processes). curve() ->
-    {name: float} is measured before the first step and at cfg.curve_points evenly spaced steps; its
-    time is not training time. Checkpoints go to <out>/<name>.ckpt.pt; an existing one is resumed.
-    -> (totals, seconds, curve points)."""
-    rank, world = shard() if parallel else (0, 1)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
-    net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    # no weight decay on biases, LayerNorm gains and embeddings (and so never on the head's
-    # unigram-initialised bias): decay pulls them towards 0, which is no sensible prior for them
-    decays = [p.dim() >= 2 and "emb" not in n for n, p in named]
-    groups = [{"params": [p for p, d in zip(params, decays) if d]},
-              {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
-    warm = max(1, round(cfg.warmup * steps))
-    # lr factor: linear warmup over `warm` steps, then linear decay to zero at `steps`
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm)))
-    dtype = step_dtype(cfg.dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled up first
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt_path = Path(out) / f"{name}.ckpt.pt"
-    start, totals, elapsed, points = 0, {}, 0.0, []
-    if ckpt_path.exists():
-        ck = load(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        scaler.load_state_dict(ck.get("scaler", {}))
-        if "loss_state" in ck:  # a loss function that keeps state (--teacher self: its dictionary)
-            loss_fn.load_state_dict(ck["loss_state"])
-        start, totals, elapsed = ck["step"], {k: v.to(device) for k, v in ck["totals"].items()}, ck["elapsed"]
-        points = ck["curve"]
-        print(f"{name}: resuming at step {start} of {steps}")
-    at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
-    t0, recent = time.time(), 0.0
-
-    def measure(step):  # a curve point, on rank 0 alone (the others wait in the next step's all-reduce)
-        nonlocal t0
-        seconds = elapsed + time.time() - t0
-        model.eval()
-        with torch.no_grad():
-            points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": seconds, **curve()})
-        t0 = time.time() - (seconds - elapsed)
-
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=rank > 0)
-    for step in bar:
-        if rank == 0 and step in at_steps and not any(p["step"] == step for p in points):
-            measure(step)
-        model.train()
-        torch.manual_seed(step_seed(cfg, 0, step) + rank)  # dropout too is a function of the step alone
-        with autocast:
-            loss, extras = loss_fn(net, step)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # without fp16, scaler passes everything through unchanged
-        scaler.unscale_(opt)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        scaler.step(opt)  # skipped where fp16 gradients overflowed (and the scale is lowered)
-        scaler.update()
-        sched.step()
-        if world > 1 and extras:  # counters of the whole batch: one small all-reduce, no wait on the host
-            summed = torch.stack(list(extras.values()))
-            dist.all_reduce(summed)
-            extras = dict(zip(extras, summed))
-        for k, v in extras.items():
-            totals[k] = totals.get(k, 0) + v.detach()
-        recent = recent + loss.detach()
-        if (step + 1) % cfg.log_every == 0:  # .item() waits for the device: only at log intervals
-            if world > 1:  # the loss of the whole batch, not of this process's share
-                dist.all_reduce(recent)
-            bar.set_postfix(loss=f"{recent.item() / cfg.log_every / world:.4f}", **unsolved_share(totals))
-            recent = 0.0
-        if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            ck = dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                      scaler=scaler.state_dict(), step=step + 1,
-                      **({"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}),
-                      totals={k: v.cpu() for k, v in totals.items()}, elapsed=elapsed + time.time() - t0, curve=points)
-            atomic_write(ckpt_path, lambda f: torch.save(ck, f))
-    if rank == 0 and steps in at_steps and not any(p["step"] == steps for p in points):
-        measure(steps)
-    sync(device)  # the time is the device's: it may still be running the last steps
-    model.eval()
-    return {k: float(v) for k, v in totals.items()}, elapsed + time.time() - t0, points
-
-def unsolved_share(totals):
-    """{"unsolved": share} for the progress bar, once more than 1% of the targets so far had no exact code."""
-    if "unsolved_codes" not in totals:
-        return {}
-    share = float(totals["unsolved_codes"]) / max(1.0, float(totals["masked"]))
-    return {"unsolved": f"{share:.1%}"} if share > 0.01 else {}
-
-def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
-    """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
-    path = Path(out) / f"{name}.pt"
-    if path.exists():
-        ck = load(path)
-        model.load_state_dict(ck["model"])
-        if "loss_state" in ck:
-            loss_fn.load_state_dict(ck["loss_state"])
-        model.eval()
-        return model, ck["info"]
-    totals, seconds, points = train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve)
-    info = {"totals": totals, "seconds": seconds, "curve": points}
-    if shard()[0] == 0:
-        state = {"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}
-        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info, **state}, f))
-        (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
-    return model, info
-
-# --- Stage 3: the teacher, trained with masked LM -------------------------------------------------
-def make_mlm_loss(model, rows, cfg, salt, device):
-    """loss_fn(net, step) for plain MLM: the model sees the masked input and predicts the original tokens."""
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
-        h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
-        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
-    return loss_fn
-
-def mlm_scorer(model):
-    """An MLM encoder as token_logits(ids (B, T), keep (B, T) or None, pos (B, m)) -> (B m, V)."""
-    return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
-
-def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, curve=None):
-    """The teacher (salt 1), or the MLM baseline (salt 2: the MLSM student's batches and masks).
-    curve(token_logits) -> the learning-curve function of train_loop."""
-    model = build_encoder(cfg, vocab_size).to(device)
-    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    return train_or_load(name, model, make_mlm_loss(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out,
-                         device, curve and curve(mlm_scorer(model)))
-
-# --- Stage 4: latent concepts -- a sparse dictionary over teacher states, and a torch sparse coder ---
-@torch.no_grad()
-def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
-    """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows,
-    unmasked input. -> (states (N, C) float32 numpy, token ids (N,))."""
-    per_row = cfg.seq_len - 2
-    n_rows = min(len(rows), math.ceil(n_tokens / per_row))
-    idx = np.sort(np.random.default_rng(seed).choice(len(rows), n_rows, replace=False))
-    states, tokens = [], []
-    for i in range(0, n_rows, cfg.batch_size):
-        ids = torch.from_numpy(rows[idx[i:i + cfg.batch_size]].astype(np.int64)).to(device)  # (B, T)
-        h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1]  # (B, T-2, C): drop [CLS] and [SEP]
-        states.append(h.float().reshape(-1, h.shape[-1]).cpu())
-        tokens.append(ids[:, 1:-1].reshape(-1).cpu())
-    return torch.cat(states)[:n_tokens].numpy(), torch.cat(tokens)[:n_tokens].numpy()
-
-def normalise_states(h, mean):
-    """(N, C) -> rows with unit L2 norm, after subtracting `mean` (zeros when not centring).
-
-    Why centre (the original does not): teacher states are strongly anisotropic -- the mean of
-    normalised states has norm ~0.95 -- so uncentred, one direction dominates every code and the
-    sparse problems are badly conditioned (3-8x slower to solve; see README)."""
-    return F.normalize(h - mean, dim=-1)
-
-def learn_dictionary(X, cfg, init=None):
-    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows; init: a dictionary to start from.
-    Objective (scikit-learn's; the original's SPAMS trainDL minimises the same), over codes A >= 0 and D:
-        min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
-    subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
-    from sklearn.decomposition import MiniBatchDictionaryLearning
-    from sklearn.exceptions import ConvergenceWarning
-
-    dl = MiniBatchDictionaryLearning(n_components=cfg.n_concepts, alpha=cfg.lam, positive_code=True,
-                                     fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
-                                     random_state=cfg.seed, n_jobs=cfg.dict_jobs,
-                                     dict_init=None if init is None else init.numpy())
-    with warnings.catch_warnings():  # the inner lasso of a mini-batch may stop early: harmless for the
-        warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary, and the codes we use come
-        dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
-    return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
-
-# The codes. For a >= 0, lam ||a||_1 = lam sum_k a_k is linear in a, so the non-negative lasso
-#     a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1
-#           = argmin_{a >= 0} 0.5 a G a^T - (x D^T - lam) a^T,     G = D D^T (K, K)
-# is a non-negative least-squares problem with the linear term x D^T - lam. Two ways to solve it:
-# the original's FISTA (projected gradient steps, fast but approximate), and the active-set method
-# of Lawson & Hanson (exact), which mlsm.py uses.
-
-def fista(X, D, lam, iters=100):
-    """The original's coder: `iters` steps of non-negative FISTA (Beck & Teboulle 2009).
-    X (N, C), D (K, C) -> codes A (N, K) >= 0. Each step is a gradient step of length 1/L on the
-    objective above (L = largest eigenvalue of G), then the projection onto a >= 0, from a point
-    extrapolated along the last move. Near-parallel atoms make L large and the steps short: on
-    teacher states 100 steps leave a gap to the optimum (measured in the tests and README)."""
-    G = D @ D.T  # (K, K)
-    L = torch.linalg.eigvalsh(G.double()).max().to(G.dtype)
-    b = X @ D.T - lam  # (N, K): the linear term
-    A = Y = torch.zeros(len(X), len(D), dtype=X.dtype, device=X.device)  # (N, K) each
-    t = 1.0
-    for _ in range(iters):
-        A_next = (Y + (b - Y @ G) / L).clamp(min=0)  # the gradient of the objective is a G - b
-        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        Y = A_next + (t - 1) / t_next * (A_next - A)
-        A, t = A_next, t_next
-    return A
-
-def active_set_one(x, D, lam, tol=1e-6):
-    """The exact code of one state x (C,) against D (K, C), written for reading: Lawson & Hanson's
-    active-set method for the non-negative least squares above. -> a (K,) >= 0.
-
-    S is the support, the atoms allowed to be non-zero. Two moves:
-      add:  the atom outside S along which the objective falls fastest (largest w = -gradient);
-      drop: when the minimiser z on the new S has a coefficient <= 0, step from a towards z only as
-            far as every coefficient stays >= 0, and drop the atoms that reached 0.
-    It stops when no atom outside S would lower the objective: the KKT conditions hold, a is optimal."""
-    G, b = D @ D.T, D @ x - lam  # (K, K), (K,): the quadratic and the linear term
-    a, S = torch.zeros(len(D), dtype=x.dtype), []
-    while len(S) < len(D):
-        w = b - G @ a  # (K,): the negative gradient
-        w[S] = -math.inf
-        k = int(w.argmax())
-        if w[k] <= tol:  # KKT: no atom outside S can lower the objective (on S the gradient is 0)
-            return a
-        S.append(k)
-        while True:
-            z = torch.zeros_like(a)
-            z[S] = torch.linalg.solve(G[S][:, S], b[S])  # the minimiser with support S
-            if (z[S] > 0).all():
-                a = z
-                break
-            ratio = {j: a[j] / (a[j] - z[j]) for j in S if z[j] <= 0}  # how far a may move towards z
-            t = min(ratio.values())
-            a = a + t * (z - a)
-            S = [j for j in S if ratio.get(j, math.inf) > t]
-            a[[j for j in ratio if j not in S]] = 0
-    return a
-
-@contextlib.contextmanager
-def full_fp32_matmuls():
-    """fp32 matrix products in full fp32 inside the block, whatever was allowed outside it: TF32 on a
-    GPU (torch.backends.cuda.matmul.allow_tf32) or bf16 on a CPU (set_float32_matmul_precision) keep
-    too few bits for the coder's optimality test. subtle: only the per-backend settings are read and
-    written; torch refuses to mix them with the older global ones."""
-    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for b, precision in zip(backends, saved):
-            b.fp32_precision = precision
-
-class SparseCoder:
-    """The fast version of active_set_one: the same moves, for a batch of states at once, in torch.
-
-    Gram space: with b = x D^T - lam computed once per state and G = D D^T once per dictionary, the
-    negative gradient at a code a with support S is w = b - a G, a sum of |S| rows of G (an
-    embedding_bag), never a product with D. The small systems G_SS z = b_S are solved in float32
-    with one step of iterative refinement, so a consumer GPU runs them at its fp32 rate.
-
-    Bookkeeping, kept out of the moves' way: S lives in `slots` per row (one more each round: a round
-    adds at most one atom); every round is the same batched work whatever the data, so a GPU runs all
-    `rounds` without once waiting to be told which rows are done (done rows stay where they are). On
-    the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default). On Apple's MPS,
-    where this batched LU has not been tried, the small systems go to the CPU (`host_solve`), one
-    wait per round.
-
-    subtle: learned dictionaries hold near-duplicate atoms, which make G_SS badly conditioned; the
-    refinement step recovers the digits that float32 elimination loses (tested against float64)."""
-
-    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None, tol=1e-6):
-        self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
-        self.shrink = D.device.type == "cpu" if shrink is None else shrink
-        self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
-        with full_fp32_matmuls():
-            self.G = D @ D.T  # (K, K)
-
-    def solve(self, M, b):
-        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s): LU in float32, then one step
-        of iterative refinement, z += M^-1 (b - M z)."""
-        dev = b.device
-        if self.host_solve:
-            M, b = M.cpu(), b.cpu()
-        LU, pivots, _ = torch.linalg.lu_factor_ex(M)
-        z = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1))  # (n, s, 1)
-        z = z + torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1) - M @ z)
-        return z.squeeze(-1).to(dev)
-
-    @torch.no_grad()
-    @full_fp32_matmuls()
-    def encode(self, X):
-        """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds`
-        rounds or `slots` atoms were not enough (that code is feasible but not optimal)."""
-        G, K, dev, N = self.G, len(self.D), X.device, len(X)
-        A, solved = torch.zeros(N, K, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
-        rows = torch.arange(N, device=dev)  # (n,) the rows still worked on
-        b = X @ self.D.T - self.lam  # (n, K): the linear term of each row
-        idx = torch.zeros(N, 0, dtype=torch.long, device=dev)  # (n, s) atom in each slot
-        on = torch.zeros(N, 0, dtype=torch.bool, device=dev)  # (n, s) slot in S
-        a = torch.zeros(N, 0, device=dev)  # (n, s) coefficient in each slot
-        G_SS = torch.zeros(N, 0, 0, device=dev)  # (n, s, s) G between the slots' atoms, kept up to date
-        for _ in range(self.rounds):
-            if idx.shape[1] < self.slots:  # one more slot: a round adds at most one atom
-                idx, on, a = (torch.cat([t, t.new_zeros(len(t), 1)], 1) for t in (idx, on, a))
-                G_SS = F.pad(G_SS, (0, 1, 0, 1))
-            s = idx.shape[1]
-            # z: the minimiser on S, G_SS z = b_S (free slots solve z = 0)
-            both = on.unsqueeze(2) & on.unsqueeze(1)
-            z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)), torch.where(on, b.gather(1, idx), 0))
-            # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
-            bad = on & (z <= 0)  # (n, s)
-            ratio = torch.where(bad, a / (a - z), math.inf)
-            step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
-            on = on & ~(bad & (ratio <= step))
-            a = torch.where(on, a + step * (z - a), 0)
-            # add: the atom outside S with the largest w = b - a G (free slots add 0 rows of G)
-            aG = F.embedding_bag(idx, G, per_sample_weights=a, mode="sum")  # (n, K)
-            w = torch.sub(b, aG, out=aG)  # (n, K), in place: the largest tensor of a round
-            # subtle: atoms in S are masked with a min-reduction, because a free slot may still name
-            # an atom that is back in S in another slot (a plain scatter could unmask it)
-            w.scatter_reduce_(1, idx, torch.where(on, -math.inf, math.inf), reduce="amin")
-            best, new = w.max(1)  # (n,)
-            optimal_on_S = ~bad.any(1)
-            add = optimal_on_S & (best > self.tol) & ~on.all(1)
-            n, free = torch.arange(len(idx), device=dev), (~on).to(torch.int8).argmax(1)  # first free slot
-            idx[n, free] = torch.where(add, new, idx[n, free])
-            on[n, free] |= add
-            g = G.view(-1)[idx[n, free].unsqueeze(1) * K + idx]  # (n, s): the new atom's row of G_SS
-            G_SS[n, free] = torch.where(add.unsqueeze(1), g, G_SS[n, free])
-            G_SS[n, :, free] = G_SS[n, free]
-            finished = optimal_on_S & (best <= self.tol)  # KKT: no atom outside S would lower the objective
-            if self.shrink and finished.any():  # finished rows leave: write out their codes
-                A[rows[finished]] = A.new_zeros(int(finished.sum()), K).scatter_add_(1, idx[finished], a[finished])
-                solved[rows[finished]] = True
-                keep = ~finished
-                rows, b, idx, on, a, G_SS, finished = (t[keep] for t in (rows, b, idx, on, a, G_SS, finished))
-                if len(rows) == 0:
-                    break
-        if len(rows):  # the rows still there (on a GPU: all of them)
-            A[rows] = A.new_zeros(len(rows), K).scatter_add_(1, idx, a)
-            solved[rows] = finished
-        return A, solved
-
-    def objective(self, X, A):
-        """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
-        return 0.5 * ((X - A @ self.D) ** 2).sum(-1) + self.lam * A.abs().sum(-1)
-
-def code_distribution(A):
-    """Codes A (N, K) >= 0 -> concept distributions p = a / ||a||_1 (N, K), and valid (N,) bool:
-    False where the code is all zero, which has no distribution."""
-    mass = A.sum(-1, keepdim=True)  # (N, 1)
-    return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0
-
-def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
-    """Stage wrapper for the dictionary, learned once (by rank 0 under torchrun) and saved:
-    -> (SparseCoder on device, mean state (C,), info with its quality on held-out dev states)."""
-    path = Path(out) / "dictionary.npz"
-    if shard()[0] == 0 and not path.exists():
-        t0 = time.time()
-        H, _ = teacher_states(teacher, train_rows, cfg, cfg.dict_tokens, device, cfg.seed)
-        if len(H) < cfg.n_concepts:
-            raise UserError(f"only {len(H)} teacher states for {cfg.n_concepts} concepts; lower --n_concepts "
-                            f"or give more data")
-        H = torch.from_numpy(H)
-        mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])  # (C,)
-        print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
-        D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
-        Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-        info = {**code_quality(SparseCoder(D, cfg.lam, cfg.coder_rounds), normalise_states(torch.from_numpy(Hd), mean)),
-                "seconds": time.time() - t0}
-        atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
-    barrier()
-    z = load(path)
-    D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
-    if info["unsolved"] and shard()[0] == 0:
-        print(f"warning: {info['unsolved']} held-out codes were not solved within --coder_rounds {cfg.coder_rounds}; "
-              f"such masked tokens get no target in the student's training: raise --coder_rounds", file=sys.stderr)
-    return SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device), info
-
-def code_quality(coder, X):
-    """How well a dictionary codes normalised states X (N, C): relative reconstruction error, mean
-    non-zeros, the share of all-zero codes and the number of codes left unsolved."""
-    A, solved = coder.encode(X)
-    nnz = (A > 0).sum(-1).float()
-    return {"rel_error": float(((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
-            "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum())}
-
-@torch.no_grad()
-def read_concepts(teacher, coder, mean, tok, rows, cfg, device, top=12, per=6):
-    """The `top` most used concepts on dev text, each with the `per` tokens (distinct types) whose
-    teacher codes weigh most on it, in context -- the 'quasi-symbolic' knowledge a student learns."""
-    rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
-    ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
-    h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
-    A = coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), mean))[0].cpu()  # (B (T-2), K)
-    share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
-    concepts = []
-    for k in share.argsort(descending=True)[:top].tolist():
-        examples, types = [], set()
-        for n in A[:, k].argsort(descending=True).tolist():
-            r, i = divmod(n, cfg.seq_len - 2)
-            t = int(rows[r, i + 1])
-            if A[n, k] <= 0 or len(examples) == per:
-                break
-            if t not in types:
-                types.add(t)
-                left, right = tok.decode(rows[r, max(1, i - 3):i + 1]), tok.decode(rows[r, i + 2:i + 5])
-                examples.append({"token": tok.decode([t]), "weight": round(float(A[n, k]), 4),
-                                 "context": f"{left}[{tok.decode([t])}]{right}".replace("\n", " ")})
-        concepts.append({"concept": k, "share_of_tokens": round(float(share[k]), 4), "examples": examples})
-    return concepts
-
-# --- Stage 5: the MLSM student -- predict the teacher's concept distribution at masked positions ---
-@torch.no_grad()
-def concept_targets(teacher, coder, mean, ids, pos, cfg):
-    """Unmasked ids (B, T), masked positions pos (B, m) -> the teacher's concept distributions
-    p (M, K) at those positions, has_mass (M,): False where the code is all zero, and solved (M,):
-    False where the coder stopped short of the optimum. subtle: the teacher sees the *unmasked*
-    input, as in the original.
-
-    subtle: in fp32 even inside the training step's bf16 / fp16 autocast, as the dictionary's states,
-    the dev targets and read_concepts are: half-precision states move a code's support, so training
-    and evaluation would use different targets."""
-    with torch.autocast(ids.device.type, enabled=False):
-        h = teacher(ids, layer=cfg.teacher_layer, pos=pos)  # (M, C)
-        A, solved = coder.encode(normalise_states(h, mean))
-    return (*code_distribution(A), solved)
-
-def make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device):
-    """loss_fn(net, step) for MLSM. Under torchrun each process computes the targets of its own rows."""
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, 2, step, device)  # (B, T), (B, T), (B, m)
-        p, has_mass, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)  # (M, K), (M,), (M,)
-        h = net(x, pos=pos)  # (M, C)
-        loss = concept_kl(student.concept_logits(h), p * solved[:, None])  # unsolved codes: no target
-        if cfg.mlm_weight:  # joint objective of BabyLM 2023: L_MLSM + mlm_weight * L_MLM
-            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), at(ids, pos))
-        return loss, {"masked": count(pos), "zero_codes": (~has_mass).sum(),
-                      "unsolved_codes": (~solved).sum()}
-    return loss_fn
-
-def dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device):
-    """Learning curve of the student: its KL to the teacher's targets at the fixed dev masks."""
-    batches = []  # the targets are computed once: (masked ids (B, T), positions (B, m), targets (M, K))
-    for ids, x, pos in dev_batches(dev_rows, cfg, device):
-        p, _, solved = concept_targets(teacher, coder, mean, ids, pos, cfg)
-        batches.append((x, pos, p * solved[:, None]))
-
-    def curve():
-        kl = sum(concept_kl(student.concept_logits(student(x, pos=pos)), p) * len(p) for x, pos, p in batches)
-        return {"dev_kl": float(kl) / sum(len(p) for *_, p in batches)}
-    return curve
-
-def train_student(cfg, teacher, coder, mean, rows, dev_rows, vocab_size, out, device):
-    """-> (student, info, loss_fn): the student trained with MLSM on the teacher's concepts, or with
-    --teacher self (teacher None) on its own (loss_fn then holds its last dictionary)."""
-    student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
-    print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
-    if not cfg.mlm_weight and teacher is not None:  # subtle: the token head gets no gradient; DDP must know
-        for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
-            p.requires_grad_(False)
-    if teacher is None:
-        loss_fn = SelfConcepts(student, rows, cfg, device)
-        curve = self_curve(student, loss_fn, dev_rows, cfg, device)
-    else:
-        loss_fn = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
-        curve = dev_kl_curve(student, teacher, coder, mean, dev_rows, cfg, device)
-    return (*train_or_load("student", student, loss_fn, cfg.student_steps, cfg.lr, cfg, out, device,
-                           curve if shard()[0] == 0 else None), loss_fn)
-
-class SelfConcepts:
-    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model, the student's own states
-    the source of its concepts (the original's mode with a negative --dict_file; Berend 2024: signals
-    "from the hidden representations of the student model"). Plain MLM until the first dictionary;
-    every `every` steps a dictionary is learned, warm-started from the last one, from the states at
-    the masked positions of the steps just before; from then on the targets of a step are the codes
-    of the student's own states (block teacher_layer, detached) at the masked positions of that same
-    forward pass. Ours: the original learns after 10,000 and every 10,000 of its 100,000 updates,
-    from its last 200 batches; our presets train a few thousand steps, so the schedule is a share.
-
-    subtle: the states are the training step's own (in its autocast dtype on a GPU), for the targets
-    and for the dictionaries alike. state_dict() is saved in the checkpoints, so a resumed run goes
-    on with the same dictionary and collected states."""
-
-    def __init__(self, student, rows, cfg, device):
-        self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
-        self.every = max(1, round(cfg.self_every * cfg.student_steps))
-        per_step = cfg.batch_size * max(1, round(cfg.mask_rate * (cfg.seq_len - 2)))
-        self.window = math.ceil(cfg.dict_tokens / per_step)  # steps whose states a dictionary is learned from
-        self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
-
-    def state_dict(self):
-        return {"states": self.states, "D": self.D, "mean": self.mean, "seconds": self.seconds}
-
-    def load_state_dict(self, state):
-        self.states, self.D, self.mean, self.seconds = state["states"], state["D"], state["mean"], state["seconds"]
-        self.coder = None if self.D is None else SparseCoder(self.D.to(self.device), self.cfg.lam,
-                                                             self.cfg.coder_rounds)
-
-    def states_of(self, h, x, pos):
-        """The concept layer's states at the masked positions (M, C), detached."""
-        if self.cfg.teacher_layer == -1:
-            return h.detach().float()
-        with torch.no_grad():
-            return self.student(x, layer=self.cfg.teacher_layer, pos=pos).float()
-
-    def relearn(self):
-        """A dictionary from the collected states: learned on rank 0, sent to every process."""
-        t0, H = time.time(), torch.cat(self.states)  # (N, C)
-        mean = H.mean(0) if self.cfg.center else torch.zeros(H.shape[1])  # (C,)
-        if shard()[0] == 0:
-            D = learn_dictionary(normalise_states(H, mean).numpy(), self.cfg, self.D)
-        else:
-            D = torch.empty(self.cfg.n_concepts, H.shape[1])
-        if dist.is_initialized():
-            D = D.to(self.device)
-            dist.broadcast(D, 0)
-        self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean, "seconds": self.seconds + time.time() - t0})
-
-    def __call__(self, net, step):
-        cfg, student = self.cfg, self.student
-        if step % self.every == 0 and self.states:
-            self.relearn()
-        ids, x, pos = get_batch(self.rows, cfg, 2, step, self.device)  # (B, T), (B, T), (B, m)
-        h = net(x, pos=pos)  # (M, C)
-        if step % self.every >= self.every - self.window and step + 1 < cfg.student_steps:  # for the next dictionary
-            states = self.states_of(h, x, pos)
-            if dist.is_initialized():  # every process collects the whole batch's states
-                every = torch.empty(len(states) * dist.get_world_size(), states.shape[1], device=states.device)
-                dist.all_gather_into_tensor(every, states)
-                states = every
-            self.states.append(states.cpu())
-        y, extras = at(ids, pos), {"masked": count(pos)}
-        if self.coder is None:  # before the first dictionary: plain MLM
-            return mlm_loss(student.mlm_logits(h), y) + self.idle(student.concept_head), extras
-        with torch.autocast(self.device.type, enabled=False):
-            A, solved = self.coder.encode(normalise_states(self.states_of(h, x, pos), self.mean.to(h.device)))
-        p, has_mass = code_distribution(A)  # (M, K), (M,)
-        loss = concept_kl(student.concept_logits(h), p * solved[:, None])
-        if cfg.mlm_weight:
-            loss = loss + cfg.mlm_weight * mlm_loss(student.mlm_logits(h), y)
-        else:
-            loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
-        return loss, {**extras, "zero_codes": (~has_mass).sum(), "unsolved_codes": (~solved).sum()}
-
-    @staticmethod
-    def idle(part):
-        """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
-        parameter in every step's backward pass; on one process nothing is added (and AdamW leaves the
-        idle head alone, where under torchrun its zero gradient still lets weight decay shrink it)."""
-        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
-        return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
-
-def self_curve(student, loss_fn, dev_rows, cfg, device):
-    """Learning curve of a --teacher self student, at the fixed dev masks: its KL to the concepts of its
-    own states under its current dictionary, and how alike its states are -- the norm of their mean
-    direction, 1 when every state points the same way (a collapse would show here)."""
-    batches = dev_batches(dev_rows, cfg, device)
-
-    def curve():
-        kl, n, direction = 0.0, 0, 0.0
-        for _, x, pos in batches:
-            h = student(x, pos=pos)  # (M, C)
-            direction = direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
-            n += len(h)
-            if loss_fn.coder is not None:
-                X = normalise_states(loss_fn.states_of(h, x, pos), loss_fn.mean.to(device))
-                A, solved = loss_fn.coder.encode(X)
-                kl += float(concept_kl(student.concept_logits(h), code_distribution(A)[0] * solved[:, None])) * len(h)
-        return {"state_alignment": float(direction.norm()) / n, **({"dev_kl": kl / n} if loss_fn.coder else {})}
-    return curve
-
-# --- Stage 6: frozen backbone + linear token head (BabyLM 2024) -----------------------------------
-def freeze(model):
-    """subtle: requires_grad=False keeps the optimiser away; eval() switches dropout off."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-def unigram_logp(rows, vocab_size):
-    """Log training-set frequencies of the tokens, add-one smoothed -> (V,) float32."""
-    counts = np.bincount(rows[:, 1:-1].ravel(), minlength=vocab_size) + 1.0
-    return torch.from_numpy(np.log(counts / counts.sum())).float()
-
-def train_head(cfg, student, rows, vocab_size, out, device, curve=None):
-    """Only a linear layer with bias from the student's K concept logits to V token logits is
-    trained, with MLM cross-entropy (L_MLM above); every student parameter stays as it was.
-
-    Init (ours; the paper does not say): W = 0 and b = log unigram frequencies, so the head
-    starts as the unigram model and what it learns beyond that comes from the concepts. With
-    PyTorch's default init, concept logits of magnitude ~10 give random token logits far from
-    any sensible distribution, and a few hundred steps ended 0.4 nats *above* unigram."""
-    freeze(student)
-    head = nn.Linear(cfg.n_concepts, vocab_size)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(unigram_logp(rows, vocab_size))
-    head = head.to(device)
-
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, 3, step, device)
-        with torch.no_grad():
-            z = student.concept_logits(student(x, pos=pos))  # (M, K)
-        return mlm_loss(net(z.float()), at(ids, pos)), {}
-
-    return train_or_load("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
-                         curve and curve(head_scorer(student, head)))
-
-def head_scorer(student, head):
-    """Frozen student + token head as token_logits(ids (B, T), keep, pos (B, m)) -> (B m, V)."""
-    return lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
-
-# --- Stage 7: evaluation -- dev loss, minimal pairs by pseudo-log-likelihood, fine-tuning, report ---
-@torch.no_grad()
-def eval_mlm(token_logits, rows, cfg, device):
-    """Dev MLM loss and accuracy of token_logits(masked ids (B, T), keep, positions (B, m)) -> (M, V) on
-    the first eval_rows dev rows, with the same fixed masks for every model."""
-    loss = correct = n = 0.0
-    for ids, x, pos in dev_batches(rows, cfg, device):
-        logits = token_logits(x, None, pos).float()  # (M, V); keep None: full rows, no padding
-        y = at(ids, pos)  # (M,)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        n += len(y)
-    return {"dev_loss": loss / max(n, 1), "dev_acc": correct / max(n, 1)}
-
-def unigram_scorer(train_rows, vocab_size, device):
-    """A model that ignores context, train-set unigram frequencies, as token_logits: the floor of
-    the dev loss, and on minimal pairs what word frequency alone gets right."""
-    logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
-    return lambda ids, keep, pos: logp.repeat(pos.numel(), 1)  # (M, V)
-
-@torch.no_grad()
-def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
-    """Pseudo-log-likelihood of each sentence s = s_1 .. s_n (Salazar et al. 2020):
-        PLL(s) = sum_i log p(s_i | s with token i masked)
-    and by default its word-l2r variant (Kauf & Ivanova 2023): when token i is scored, the later
-    tokens of the same word are masked too, so that a word split into pieces cannot be read off its
-    own pieces (" walk|ing": "ing" would give away " walk"). A word is one pre-token of the tokenizer.
-    The softmax is over real tokens: special tokens are never the answer.
-
-    Batched: one masked copy of a sentence per scored token, copies of similar length in one batch.
-    token_logits(ids (B, T), keep (B, T), pos (B, 1)) -> (B, V). Sentences longer than seq_len are
-    cut to it. -> (N,) float64 numpy."""
-    seqs, words = [], []  # token ids, and the index of the word each token belongs to (-1: special)
-    for s in sentences:
-        pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]
-        ids = [i for p in pieces for i in p][: cfg.seq_len - 2]
-        seqs.append([CLS] + ids + [SEP])
-        words.append([-1] + [w for w, p in enumerate(pieces) for _ in p][: len(ids)] + [-1])
-    L = max(map(len, seqs))
-    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (N, L)
-    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (N, L)
-    for j, (q, w) in enumerate(zip(seqs, words)):
-        padded[j, :len(q)], word[j, :len(w)] = q, w
-    jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
-    pll, b = np.zeros(len(seqs)), 0
-    while b < len(jobs):
-        e = b + 1  # grow the batch while its padded size stays within 2 training batches of tokens
-        # (bigger batches were slower on a CPU: their activations fall out of the cache)
-        while e < len(jobs) and (e + 1 - b) * jobs[e][0] <= 2 * cfg.batch_size * cfg.seq_len:
-            e += 1
-        chunk, b = jobs[b:e], e
-        T = chunk[-1][0]  # the longest copy is last
-        rows, at_i = np.array([j for _, j, _ in chunk]), np.array([i for _, _, i in chunk])  # (B,), (B,)
-        ids, w = padded[rows, :T], word[rows, :T]  # (B, T) each
-        later = np.arange(T) >= at_i[:, None]  # (B, T): position i and those after it
-        hide = later & (w == w[np.arange(len(chunk)), at_i][:, None]) if word_l2r else np.arange(T) == at_i[:, None]
-        ids, hide = torch.from_numpy(ids).to(device), torch.from_numpy(hide).to(device)
-        pos = torch.from_numpy(at_i[:, None]).to(device)  # (B, 1): the scored position of each copy
-        logits = token_logits(ids.masked_fill(hide, MASK), ids != PAD, pos).float()  # (B, V)
-        logits[:, :N_SPECIAL] = -math.inf
-        logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
-        np.add.at(pll, rows, logp.cpu().double().numpy())
-    return pll
-
-def minimal_pairs(token_logits, tok, pairs, cfg, device):
-    """Accuracy on minimal pairs {paradigm: [(good, bad)]}: right only if PLL(good) > PLL(bad)
-    strictly; ties are counted, and count as wrong (the official BabyLM pipelines count them right)."""
-    flat = [p for ps in pairs.values() for p in ps]
-    word_l2r = cfg.pll == "word_l2r"
-    good = pseudo_log_likelihoods(token_logits, tok, [g for g, _ in flat], cfg, device, word_l2r)
-    bad = pseudo_log_likelihoods(token_logits, tok, [b for _, b in flat], cfg, device, word_l2r)
-    per, i = {}, 0
-    for name, ps in pairs.items():
-        per[name] = float((good[i:i + len(ps)] > bad[i:i + len(ps)]).mean())
-        i += len(ps)
-    return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
-            "pairs": len(flat), "paradigms": per}
-
-class PairClassifier(nn.Module):
-    """A pretrained encoder with a fresh linear classifier over the [CLS] state."""
-
-    def __init__(self, encoder, n_labels):
-        super().__init__()
-        self.encoder, self.clf = encoder, nn.Linear(encoder.ln_f.normalized_shape[0], n_labels)
-
-    def forward(self, ids, keep):
-        return self.clf(self.encoder(ids, keep)[:, 0])  # (B, n_labels)
-
-def encode_pairs(tok, pairs, seq_len):
-    """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
-    each sentence cut to half of what fits."""
-    half = (seq_len - 3) // 2
-    seqs = [[CLS] + tok.encode(a)[:half] + [SEP] + tok.encode(b)[:half] + [SEP] for a, b, _ in pairs]
-    ids = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
-    for i, q in enumerate(seqs):
-        ids[i, :len(q)] = torch.tensor(q)
-    return ids, torch.tensor([y for _, _, y in pairs])
-
-def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
-    """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
-    with cross-entropy: -> validation accuracy and, for two classes, F1 of class 1."""
-    encoder = build_encoder(cfg, tok.vocab_size)
-    encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("concept_head.")})  # strict
-    n_labels = max(y for *_, y in train_pairs + valid_pairs) + 1
-    torch.manual_seed(seed)  # the seed picks the classifier's initial weights and the batches
-    model = PairClassifier(encoder, n_labels).to(device)
-    X, Y = encode_pairs(tok, train_pairs, cfg.seq_len)
-    run_cfg = dataclasses.replace(cfg, seed=seed, compile=False)  # lengths vary: compiling would not pay
-
-    def loss_fn(net, step):
-        idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, 4, step)).integers(0, len(X), cfg.batch_size))
-        ids = X[idx]  # (B, T)
-        ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
-        return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
-
-    train_loop(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device, parallel=False)
-    (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
-    Xv, Yv = encode_pairs(tok, valid_pairs, cfg.seq_len)
-    with torch.no_grad():
-        pred = torch.cat([model(Xv[i:i + 256].to(device), Xv[i:i + 256].to(device) != PAD).argmax(-1).cpu()
-                          for i in range(0, len(Xv), 256)])
-    r = {"acc": float((pred == Yv).float().mean())}
-    if n_labels == 2:  # F1 of the positive class: 2 TP / (2 TP + FP + FN)
-        tp = int(((pred == 1) & (Yv == 1)).sum())
-        r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
-    return r
-
-def fingerprint(state):
-    """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-def probe(models, cfg, tok, tasks, out, device):
-    """Fine-tune every model x task x seed, with identical settings; each result is cached in
-    finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
-    retrained model is probed anew. -> {task: {model: {"acc": {mean, std, runs}, "f1": ...}}}."""
-    path = Path(out) / "finetune.json"
-    done = load(path) if path.exists() else {}
-    summary = {}
-    for task, (train_pairs, valid_pairs) in tasks.items():
-        for model_name, state in models.items():
-            weights, runs = fingerprint(state), []
-            for seed in range(cfg.finetune_seeds):
-                key = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
-                if key not in done:
-                    done[key] = finetune(state, cfg, tok, train_pairs, valid_pairs, seed,
-                                         f"finetune_{task}_{weights}_{seed}", out, device)
-                    save_json(path, done)
-                runs.append(done[key])
-            summary.setdefault(task, {})[model_name] = {
-                m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
-                    "runs": [r[m] for r in runs]} for m in runs[0]}
-    return summary
-
-MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
-
-def chart(curves, key, title, width=64, height=10):
-    """Learning curves {name: [{"tokens": .., key: ..}, ..]} as a text chart of `key` against tokens
-    seen, each curve drawn with its letter in MARKS ('*' where curves overlap)."""
-    series = {name: [(p["tokens"], p[key]) for p in pts if key in p] for name, pts in curves.items() if pts}
-    series = {name: xy for name, xy in series.items() if xy}
-    if not series:
-        return
-    xs, ys = [x for xy in series.values() for x, _ in xy], [y for xy in series.values() for _, y in xy]
-    lo, hi, right = min(ys), max(ys), max(xs) or 1
-    grid = [[" "] * (width + 1) for _ in range(height + 1)]
-    for name, xy in series.items():
-        for x, y in xy:
-            r, c = round((hi - y) / ((hi - lo) or 1) * height), round(x / right * width)
-            grid[r][c] = MARKS[name] if grid[r][c] in (" ", MARKS[name]) else "*"
-    print(f"\n{title}")
-    for r, row in enumerate(grid):
-        print(f"{hi - r * (hi - lo) / height:8.3f} |" + "".join(row))
-    print(" " * 9 + "+" + "-" * (width + 1))
-    print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
-    print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
-
-def report(results):
-    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks; then the curves."""
-    models, c, tasks = results["models"], results["config"], list(results["majority_class"])
-    columns = {"dev loss": lambda r: f"{r['dev_loss']:.3f}", "dev acc": lambda r: f"{r['dev_acc']:.3f}"}
-    for s in ("BLiMP", "supplement"):
-        columns[f"{s} (ties)"] = lambda r, s=s: f"{r[s]['macro']:.3f} ({r[s]['ties']})"
-    for t in tasks:
-        acc = lambda r, t: r["finetune"][t]["acc"]
-        columns[f"{t} acc"] = lambda r, t=t: f"{acc(r, t)['mean']:.3f}±{acc(r, t)['std']:.3f}"
-    if len(tasks) > 1:
-        columns["tasks macro"] = lambda r: f"{r['finetune_macro']:.3f}"
-    columns["train time"] = lambda r: f"{r['seconds'] / 60:.1f} min"
-
-    def cell(fn, r):  # '-' where a model has no such number
-        try:
-            return fn(r)
-        except (KeyError, TypeError):
-            return "-"
-    table = {name: [cell(fn, r) for fn in columns.values()] for name, r in models.items()}
-    shown = [i for i in range(len(columns)) if any(row[i] != "-" for row in table.values())]
-    widths = [max(len(name), *(len(row[i]) for row in table.values())) + 2 for i, name in enumerate(columns)]
-    print("\n" + "=" * 100)
-    print(f"{'model':<21}" + "".join(f"{list(columns)[i]:>{widths[i]}}" for i in shown))
-    for name, row in table.items():
-        print(f"{name:<21}" + "".join(f"{row[i]:>{widths[i]}}" for i in shown))
-    print(f"dev: masked tokens of the same {c['eval_rows']} dev rows for every model; minimal pairs: macro average "
-          f"over paradigms, ties count as wrong; fine-tuning: validation accuracy, mean ± std over "
-          f"{c['finetune_seeds']} seeds; " + ("MLSM rows also need the teacher and dictionary "
-          f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)" if c["teacher"] != "self" else
-          "--teacher self: no teacher, the student's own dictionaries are part of its time"))
-    for t in tasks:
-        f1 = "; ".join(f"{m} {r['finetune'][t]['f1']['mean']:.3f} ± {r['finetune'][t]['f1']['std']:.3f}"
-                       for m, r in models.items() if "f1" in r.get("finetune", {}).get(t, {}))
-        print(f"{t}: majority class {results['majority_class'][t]:.3f}" + (f"; F1 {f1}" if f1 else ""))
-    if len(tasks) > 1:
-        print(f"tasks macro: majority class {np.mean(list(results['majority_class'].values())):.3f}")
-    d = results["dictionary"]
-    print(f"dictionary: relative reconstruction error {d['rel_error']:.3f}, {d['nonzeros']:.1f} non-zeros "
-          f"per code, {d['zero_share']:.2%} all-zero codes (dev states); "
-          f"{results['student_zero_codes']:.2%} all-zero and {results['student_unsolved_codes']:.0f} unsolved "
-          f"targets in student training (no target: they add 0 to the loss, as all-zero codes do in the original)")
-    unsolved = results["student_unsolved_codes"] / max(1, results["tokens_seen"]["MLSM student"])
-    if unsolved > 0.01:
-        print(f"warning: {unsolved:.1%} of the student's targets had no exact code within --coder_rounds "
-              f"{c['coder_rounds']}, and so taught it nothing: raise --coder_rounds")
-    times = results["seconds"]
-    evaluation = times.get("evaluation", 0) + times.get("finetune", 0)
-    print(f"time: {(sum(times.values()) - evaluation) / 60:.1f} min training, {evaluation / 60:.1f} min evaluation "
-          f"({results['world_size']} process(es)); " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    curves = {k: v for k, v in results["curves"].items() if k != "MLSM student"}
-    chart(curves, "dev_loss", f"learning curves: dev MLM loss at the fixed 15% dev masks (unigram "
-                              f"{models['unigram']['dev_loss']:.3f})")
-    chart(curves, "BLiMP", f"learning curves: BLiMP, first {c['curve_pairs']} pairs per paradigm")
-    source = "its own" if c["teacher"] == "self" else "the teacher's"
-    chart({"MLSM student": results["curves"]["MLSM student"]}, "dev_kl",
-          f"learning curve: student's dev KL to {source} concepts")
-    chart({"MLSM student": results["curves"]["MLSM student"]}, "state_alignment",
-          "learning curve: norm of the student's mean state direction at the dev masks (1: every state alike)")
-    print("=" * 100)
-
-# --- The pipeline: run() chains the stages --------------------------------------------------------
 def make_rows(cfg, out):
     """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
     times = load(out / "times.json") if (out / "times.json").exists() else {}
@@ -1349,176 +1621,48 @@ def make_rows(cfg, out):
         times["encode"] = time.time() - t0
     save_json(out / "times.json", times)  # stage times survive a restart: stages done before are not re-timed
 
-def token_curves(cfg, tok, dev_rows, pair_sets, device):
-    """-> curve(token_logits): the learning-curve function of a model that predicts tokens, its dev
-    loss at the fixed dev masks and BLiMP on the first curve_pairs pairs of each paradigm."""
-    pairs = {k: v[: cfg.curve_pairs] for k, v in pair_sets.get("BLiMP", {}).items()} if cfg.curve_pairs else {}
-
-    def curve(token_logits):
-        def measure():
-            r = {"dev_loss": eval_mlm(token_logits, dev_rows, cfg, device)["dev_loss"]}
-            if pairs:
-                r["BLiMP"] = minimal_pairs(token_logits, tok, pairs, cfg, device)["macro"]
-            return r
-        return measure
-    return curve
-
-def run(cfg):
-    device = join_processes(cfg)  # under torchrun: this process's device, in the process group
-    rank, world = shard()
-    out = Path(cfg.out)
-    if rank == 0:  # work that is not data-parallel is done once; the other processes load what it wrote
-        fetch_missing(cfg)  # a missing --data (or other path) stops the run before anything is written
-        prepare_out(cfg)
-        make_rows(cfg, out)
-    barrier()
+def load_rows(cfg, out):
+    """-> (tokenizer, train rows (N, T), dev rows (N', T)), as stages 1-2 saved them."""
     tok = Tokenizer.load(out / "tokenizer.json")
     train_rows, dev_rows = load(out / "train_ids.npy"), load(out / "dev_ids.npy")
-    V = tok.vocab_size
-    print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; vocabulary {V}")
+    print(f"data: {len(train_rows)} train rows, {len(dev_rows)} dev rows of {cfg.seq_len} tokens; vocabulary "
+          f"{tok.vocab_size}")
     if len(train_rows) < cfg.batch_size or len(dev_rows) < 1:
         raise UserError(f"the corpus is too small: {len(train_rows)} train and {len(dev_rows)} dev rows of "
                         f"{cfg.seq_len} tokens for batches of {cfg.batch_size}; give more text or lower "
                         f"--seq_len / --batch_size")
-    pair_sets, tasks = read_evaluation_data(cfg) if rank == 0 else ({}, {})  # a bad file stops the run now
-    curve = token_curves(cfg, tok, dev_rows, pair_sets, device) if rank == 0 else None
-    warn_if_slow(cfg, sum(p.numel() for p in build_encoder(cfg, V).parameters()), device)
+    return tok, train_rows, dev_rows
 
-    # 3-6: teacher, concepts, student, head, and the MLM baseline (salt 2: the student's batches and masks)
-    if cfg.teacher == "self":  # no teacher: the student's own states give its concepts
-        teacher, teacher_info, coder, mean = None, {"seconds": 0.0}, None, None
-    else:
-        teacher, teacher_info = train_mlm("teacher", cfg, train_rows, V, cfg.teacher_steps, 1, out, device, curve)
-        coder, mean, dict_info = learn_concepts(cfg, freeze(teacher), train_rows, dev_rows, out, device)
-    student, student_info, student_loss = train_student(cfg, teacher, coder, mean, train_rows, dev_rows, V, out,
-                                                        device)
-    if teacher is None:  # from here on the student is its own teacher, with its last dictionary
-        if student_loss.coder is None:
-            raise UserError(f"--teacher self learned no dictionary in {cfg.student_steps} student steps: raise "
-                            f"--student_steps or lower --self_every")
-        teacher, coder, mean = student, student_loss.coder, student_loss.mean.to(device)
-        with torch.no_grad():  # the dictionary's quality on the student's states at the dev masks
-            X = torch.cat([normalise_states(student_loss.states_of(student(x, pos=pos), x, pos), mean)
-                           for _, x, pos in dev_batches(dev_rows, cfg, device)])
-        dict_info = {**code_quality(coder, X), "seconds": 0.0, "in_student_seconds": student_loss.seconds}
-    head, head_info = train_head(cfg, student, train_rows, V, out, device, curve)
-    if cfg.baseline:
-        baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, 2, out, device, curve)
-        freeze(baseline)
-    if rank > 0:
-        return None
+# --- Batches: seeding and sharding ------------------------------------------------------------------------------
+# Seed salts: each stream of random draws has its own, so that batches, masks and dropout are a function of
+# (seed, salt, step) alone, and the MLM baseline draws exactly the student's batches and masks.
+DROPOUT, TEACHER_BATCHES, STUDENT_BATCHES, HEAD_BATCHES, FINETUNE_BATCHES = range(5)
 
-    # 7: evaluation
-    t0 = time.time()
-    concepts = read_concepts(teacher, coder, mean, tok, dev_rows, cfg, device)
-    save_json(out / "concepts.json", concepts)
-    print("most used concepts, with the tokens that weigh most on them:")
-    for c in concepts[:8]:
-        print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): "
-              + " | ".join(e["context"] for e in c["examples"][:3]))
-    models, scorers = {"unigram": {"seconds": None}}, {"unigram": unigram_scorer(train_rows, V, device)}
-    if cfg.teacher != "self":
-        models["teacher (MLM)"], scorers["teacher (MLM)"] = {"seconds": teacher_info["seconds"]}, mlm_scorer(teacher)
-    if cfg.baseline:
-        models["MLM baseline"] = {"seconds": baseline_info["seconds"]}
-        scorers["MLM baseline"] = mlm_scorer(baseline)
-    models["MLSM student"] = {"seconds": student_info["seconds"]}
-    if cfg.mlm_weight:  # the student alone predicts concepts, not tokens -- unless trained with the joint loss
-        scorers["MLSM student"] = mlm_scorer(student)
-    models["MLSM student + head"] = {"seconds": student_info["seconds"] + head_info["seconds"]}
-    scorers["MLSM student + head"] = head_scorer(student, head)
-    for name, token_logits in scorers.items():
-        models[name].update(eval_mlm(token_logits, dev_rows, cfg, device))
-        for set_name, pairs in pair_sets.items():
-            models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
-    times = {**load(out / "times.json"), "teacher": teacher_info["seconds"], "concepts": dict_info["seconds"],
-             "student": student_info["seconds"], "head": head_info["seconds"]}
-    times.update({"baseline": baseline_info["seconds"]} if cfg.baseline else {}, evaluation=time.time() - t0)
-    if tasks:  # fine-tuning replaces the heads, so MLSM student and MLSM student + head are one model here
-        t0 = time.time()
-        states = {"MLM baseline": baseline.state_dict()} if cfg.baseline else {}
-        states["MLSM student"] = student.state_dict()
-        for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
-            for name, r in per_model.items():
-                models[name].setdefault("finetune", {})[task] = r
-        for name in states:  # the macro average over tasks of the mean accuracy over seeds
-            accs = [r["acc"]["mean"] for r in models[name]["finetune"].values()]
-            models[name]["finetune_macro"] = float(np.mean(accs))
-        times["finetune"] = time.time() - t0
+def step_seed(cfg, salt, step):
+    """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
+    resumed run draws exactly what the uninterrupted one would have."""
+    return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
+def to_device(t, device):
+    """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
+    one from ordinary (pageable) memory would first wait for the device to finish its work."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+def get_batch(rows, cfg, salt, step, device):
+    """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
 
-    st, student_tokens = student_info["totals"], cfg.student_steps * cfg.batch_size * cfg.seq_len
-    results = {"models": models, "dictionary": dict_info,
-               "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
-               "student_unsolved_codes": st.get("unsolved_codes", 0),
-               "tokens_seen": {"MLSM student": st.get("masked", 0),
-                               "MLM baseline": baseline_info["totals"].get("masked", 0) if cfg.baseline else None},
-               "majority_class": {t: float(np.bincount([y for *_, y in valid]).max() / len(valid))
-                                  for t, (_, valid) in tasks.items()},
-               "mlsm_needs": {"teacher and dictionary seconds": teacher_info["seconds"] + dict_info["seconds"]},
-               "curves": {"teacher": teacher_info.get("curve"),
-                          "MLM baseline": cfg.baseline and baseline_info.get("curve"),
-                          "MLSM student": student_info.get("curve"),  # student + head: after the student's tokens
-                          "MLSM student + head": [{**p, "tokens": p["tokens"] + student_tokens}
-                                                  for p in head_info.get("curve") or []]},
-               "seconds": times, "world_size": world, "config": dataclasses.asdict(cfg)}
-    save_json(out / "results.json", results)
-    report(results)
-    return results
+    Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
+    its own share of the rows, so N processes train on exactly the batches and masks of one."""
+    seed = step_seed(cfg, salt, step)
+    idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
+    ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rank, world = shard()
+    share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+    return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
+def shard():
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-# === Infrastructure: files, downloads, command line, devices and processes, the benchmark ==========
-# Nothing here is needed to follow the method.
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one line, without a traceback."""
-
-def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it into place.
-
-    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
-    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-def save_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-def load(path):
-    """An artifact, read by its suffix; a damaged file becomes a UserError that says what to do."""
-    readers = {".pt": lambda p: torch.load(p, map_location="cpu", weights_only=True),
-               ".json": lambda p: json.loads(Path(p).read_text()), ".npy": np.load, ".npz": lambda p: dict(np.load(p))}
-    try:
-        return readers[Path(path).suffix](path)
-    except Exception as e:  # torch, numpy and json raise many different types for a bad file
-        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                        f"delete it, or re-run with --fresh") from None
-
-def find_corpus(path):
-    """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
-    path = Path(path)
-    if path.is_file():
-        return [path], []
-    if not path.is_dir():
-        raise UserError(f"--data {path} does not exist; give a text file or a folder of *.train / *.txt files")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".train", ".txt", ".dev"))
-    dev = [p for p in files if p.suffix == ".dev" or "dev" in p.relative_to(path).parts[:-1]]
-    train = [p for p in files if p not in dev]
-    if not train:
-        raise UserError(f"--data {path} holds no *.train or *.txt files")
-    return train, dev
-
-def read_text(path):
-    """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
-    invalid UTF-8 bytes become U+FFFD instead of crashing."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "\n".join(line.rstrip("\n") for line in f if line.strip())
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
+# --- Evaluation data ----------------------------------------------------------------------------------------------
 def read_jsonl(path, parse, what):
     """Each line of a .jsonl file through parse(dict) -> list; a bad line is a UserError naming it."""
     items = []
@@ -1528,7 +1672,6 @@ def read_jsonl(path, parse, what):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}:{n} is not {what} ({e})") from None
     return items
-
 def load_pairs(path):
     """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
     file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
@@ -1542,8 +1685,6 @@ def load_pairs(path):
         for uid, pair in read_jsonl(f, parse, "a minimal pair with sentence_good and sentence_bad"):
             pairs.setdefault(uid, []).append(pair)
     return pairs
-
-# BabyLM's (Super)GLUE files: the fields of each format -> the two text segments of an example
 TASK_FORMATS = [
     (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
     (("premise", "hypothesis"), lambda d: (d["premise"], d["hypothesis"])),  # MNLI
@@ -1553,14 +1694,12 @@ TASK_FORMATS = [
     (("text", "span1_text", "span2_text"),  # WSC: does the pronoun (span 2) refer to span 1?
      lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
 ]
-
 def task_example(item):
     """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
     for fields, segments in TASK_FORMATS:
         if all(f in item for f in fields):
             return (*map(str, segments(item)), int(item["label"]))
     raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
-
 def load_tasks(path, only=""):
     """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
     formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label).
@@ -1581,7 +1720,6 @@ def load_tasks(path, only=""):
     if not tasks:
         raise UserError(f"no <task>.train.jsonl files in {path}")
     return tasks
-
 def read_evaluation_data(cfg):
     """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training, so that a bad file
     stops the run before it has spent any time."""
@@ -1592,9 +1730,10 @@ def read_evaluation_data(cfg):
         pair_sets["supplement"] = load_pairs(cfg.supplement)
     return pair_sets, load_tasks(cfg.finetune, cfg.tasks) if cfg.finetune else {}
 
-# The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation
-# data (on OSF inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set
-# checked by the SHA-256 of its files' `sha256sum` listing.
+# --- Downloads ------------------------------------------------------------------------------------------------------
+# The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation data (on OSF
+# inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set checked by the SHA-256 of its
+# files' `sha256sum` listing.
 CORPUS_URL, CORPUS_MD5 = "https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c"  # train_10M.zip
 EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
             "evaluation_data")
@@ -1629,7 +1768,6 @@ GLUE_BLOBS = {f"{task}.{split}.jsonl": blob for task, train, valid in [
     ("rte", "89d43d1ab49c063392a164c7f7bd1bbab42f114e", "71802211dbdeaa58ac7cc8e3113cbdc2dfc32501"),
     ("wsc", "d111628103f7c7f15d680eda2ecafea1f68ac70d", "ac099d27b57cb3f9a4e23cb1d434f08c15785025")]
     for split, blob in (("train", train), ("valid", valid))}
-
 def unzip(folder):
     """The downloaded corpus archive -> its *.train files, directly in `folder`."""
     archive = next(folder.glob("*.zip"))
@@ -1644,7 +1782,6 @@ def unzip(folder):
     shutil.rmtree(folder / "unzipped")
     if not any(folder.glob("*.train")):
         raise UserError("the archive holds no *.train files")
-
 def file_digest(path, algorithm):
     """A file's hex digest. "git": its git blob id, the SHA-1 of b"blob <size>\\0" + content, which is
     what a repository's tree records for it (and `git hash-object FILE` prints)."""
@@ -1655,7 +1792,6 @@ def file_digest(path, algorithm):
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
 def download(dest, files, digest, option, algorithm="sha256"):
     """Download {name: url} into a temporary folder beside `dest`, check them -- `digest` a dict: each
     file's own digest; a string: the one file's digest, or of several the SHA-256 of their `sha256sum`
@@ -1696,7 +1832,6 @@ def download(dest, files, digest, option, algorithm="sha256"):
                 os.replace(p, dest / p.name)
         else:
             os.replace(folder, dest)
-
 def fetch_missing(cfg):
     """Check the user's own paths, then download the default corpus, BLiMP and (Super)GLUE tasks where
     the options name them and they are missing. Own paths first: a typo is reported at once, not after
@@ -1709,19 +1844,21 @@ def fetch_missing(cfg):
                  "finetune": (glue, GLUE_BLOBS, "git")}
     wanted = [o for o in downloads if getattr(cfg, o) == getattr(Config, o)
               and (not Path(getattr(cfg, o)).exists() or o == "finetune" and glue)]
-    for option in ("data", "blimp", "supplement", "finetune"):
-        path = getattr(cfg, option)
-        if path and option not in wanted and not Path(path).exists():
-            raise UserError(f"--{option} {path} does not exist")
+    if cfg.data == PRESETS["toy"]["data"] and not Path(cfg.data).exists():
+        write_toy_language(cfg.data)
+    for name in ("data", "blimp", "supplement", "finetune"):
+        path = getattr(cfg, name)
+        if path and name not in wanted and not Path(path).exists():
+            raise UserError(f"--{name} {path} does not exist")
     if "data" not in wanted:
         find_corpus(cfg.data)  # a folder without text stops the run before any download
-    for option in wanted:
-        download(getattr(cfg, option), *downloads[option][:2], option, downloads[option][2])
+    for name in wanted:
+        download(getattr(cfg, name), *downloads[name][:2], name, downloads[name][2])
 
+# --- The run directory ------------------------------------------------------------------------------------------
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
              "times.json", "concepts.json", "finetune.json"]
 ARTIFACTS += [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
-
 def prepare_out(cfg):
     """Create --out, or check that the artifacts in it were made by the same config."""
     out = Path(cfg.out)
@@ -1740,7 +1877,7 @@ def prepare_out(cfg):
     else:
         save_json(out / "config.json", want)
 
-# Limits of the options: (fields, test, what the test asks for)
+# --- The command line -----------------------------------------------------------------------------------------------
 LIMITS = [
     ("teacher_steps student_steps head_steps dict_epochs finetune_steps train_words blimp_pairs curve_pairs "
      "mlm_weight weight_decay", lambda v: v >= 0, "must not be negative"),
@@ -1750,7 +1887,6 @@ LIMITS = [
     ("mask_rate beta2 self_every", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("dropout dev_fraction warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
 ]
-
 def parse_config(argv=None):
     """Command line -> Config: preset values first, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1782,6 +1918,7 @@ def parse_config(argv=None):
         (cfg.d_model % max(cfg.n_heads, 1), f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}"),
         (cfg.pll not in ("word_l2r", "original"), f"--pll must be word_l2r or original, got {cfg.pll!r}"),
         (cfg.teacher not in ("separate", "self"), f"--teacher must be separate or self, got {cfg.teacher!r}"),
+        (cfg.coder not in ("exact", "fista"), f"--coder must be exact or fista, got {cfg.coder!r}"),
         (cfg.dtype not in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32, got "
                                                             f"{cfg.dtype!r}"),
     ] if failed]
@@ -1789,6 +1926,7 @@ def parse_config(argv=None):
         raise UserError("; ".join(problems))
     return cfg
 
+# --- Devices and processes ----------------------------------------------------------------------------------------
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
@@ -1799,7 +1937,6 @@ def pick_device(name):
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {name} is not usable here ({e})") from None
     return device
-
 def join_processes(cfg):
     """-> this process's device. Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK and the
     rendezvous) it also joins the process group: NCCL between GPUs, gloo between CPU processes.
@@ -1817,7 +1954,6 @@ def join_processes(cfg):
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device
-
 def step_dtype(name, device):
     """--dtype -> the autocast dtype of a training step (float32: no autocast). subtle: a GPU without
     bf16 units (T4, V100, RTX 20) emulates it slowly, so auto asks for native support only."""
@@ -1826,19 +1962,16 @@ def step_dtype(name, device):
             return torch.float32
         name = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
 def sync(device):
     """Wait until the device has finished its queued work (a GPU runs behind the host)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
 def barrier():
     """Wait for every process (under torchrun; nothing otherwise)."""
     if dist.is_initialized():
         dist.barrier()
-
 def warn_if_slow(cfg, n_params, device):
     """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
     if device.type != "cpu" or cfg.preset != "laptop" or shard()[0] > 0:
@@ -1855,7 +1988,90 @@ def warn_if_slow(cfg, n_params, device):
           f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 40 minutes on 2 cores",
           file=sys.stderr)
 
-# --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json ---
+# --- The toy language (--preset toy): a small grammar whose word classes are known ---------------------------------
+TOY_WORDS = {
+    "animal": ["dog", "cat", "horse", "bird", "cow", "goat", "duck", "fox"],
+    "food": ["apple", "bread", "cake", "egg", "pear", "plum", "bean", "nut"],
+    "tool": ["hammer", "saw", "drill", "brush", "knife", "spoon", "rope", "key"],
+    "adjective": ["big", "small", "red", "old", "young", "happy", "green", "soft"],
+}
+TOY_OBJECTS = {"eat": ["food"], "like": ["food", "animal"], "use": ["tool"], "hold": ["tool", "food"]}
+TOY_INTRANSITIVE = ["sleep", "run", "sing", "jump"]
+
+def toy_sentence(rng):
+    """A sentence of the toy language: an animal subject that agrees in number with its verb, and each verb
+    with objects of its kinds. -> list of words."""
+    def noun_phrase(kind):
+        plural = rng.random() < 0.5
+        det = rng.choice(["some", "the", "two"] if plural else ["a", "the", "one"])
+        adj = [rng.choice(TOY_WORDS["adjective"])] if rng.random() < 0.4 else []
+        noun = rng.choice(TOY_WORDS[kind])
+        return [det, *adj, noun + "s" if plural else noun], plural
+    subject, plural = noun_phrase("animal")
+    if rng.random() < 0.3:
+        verb = rng.choice(TOY_INTRANSITIVE)
+        return subject + [verb if plural else verb + "s", "."]
+    verb = rng.choice(list(TOY_OBJECTS))
+    obj, _ = noun_phrase(rng.choice(TOY_OBJECTS[verb]))
+    return subject + [verb if plural else verb + "s"] + obj + ["."]
+
+def toy_word_class(word):
+    for kind, words in TOY_WORDS.items():
+        if word in words or word[:-1] in words:
+            return kind
+    if any(w in TOY_OBJECTS or w in TOY_INTRANSITIVE for w in (word, word[:-1])):
+        return "verb"
+    return {"a": "det", "the": "det", "one": "det", "some": "det", "two": "det"}.get(word, "other")
+
+def toy_text(n, seed):
+    rng = random.Random(seed)
+    return "\n".join(" ".join(toy_sentence(rng)) for _ in range(n))
+
+def toy_pairs(n, seed):
+    """Minimal pairs in BLiMP's format: the verb agrees with its subject, or it does not."""
+    rng, lines = random.Random(seed), []
+    while len(lines) < n:
+        words = toy_sentence(rng)
+        i = next(i for i, w in enumerate(words) if toy_word_class(w) == "verb")
+        wrong = words[i][:-1] if words[i].endswith("s") else words[i] + "s"
+        bad = " ".join(words[:i] + [wrong] + words[i + 1:])
+        lines.append(json.dumps({"sentence_good": " ".join(words), "sentence_bad": bad, "UID": "agreement"}))
+    return "\n".join(lines)
+
+def write_toy_language(folder):
+    """--preset toy's data in folder: 20,000 training and 1,000 dev sentences, 200 agreement minimal pairs."""
+    tmp = Path(folder).with_name(Path(folder).name + ".tmp")
+    (tmp / "pairs").mkdir(parents=True, exist_ok=True)
+    (tmp / "toy.train").write_text(toy_text(20000, 0))
+    (tmp / "toy.dev").write_text(toy_text(1000, 1))
+    (tmp / "pairs" / "agreement.jsonl").write_text(toy_pairs(200, 2))
+    os.replace(tmp, folder)
+
+# --- The handout: python mlsm.py --handout DIR ------------------------------------------------------------------------
+EXERCISE = re.compile(r"^( *)# BEGIN EXERCISE (\d+): (.*?)\n(.*?)(^ *# END EXERCISE \2\n)", re.M | re.S)
+
+def write_handout(folder, exercises=""):
+    """A student copy of this file, folder/mlsm.py: the body of each exercise (of those named in exercises, e.g.
+    "2,5"; '': all) replaced by its comments and raise NotImplementedError; signatures and docstrings stay."""
+    src = Path(__file__).read_text()
+    found = {int(m.group(2)) for m in EXERCISE.finditer(src)}
+    chosen = {int(n) for n in exercises.split(",") if n.strip()} or found
+    if not chosen <= found:
+        raise UserError(f"--exercises {exercises}: this file has exercises {', '.join(map(str, sorted(found)))}")
+
+    def blank(m):
+        indent, n, title, body, end = m.groups()
+        if int(n) not in chosen:
+            return m.group(0)
+        hints = [c.group(1) for c in map(re.compile(r"(?:^ *|  )# (.*)$").search, body.splitlines()) if c]
+        return "".join(f"{indent}# {line}\n" for line in [f"BEGIN EXERCISE {n}: {title}", *hints]) + \
+            f'{indent}raise NotImplementedError("exercise {n}: {title}")\n{end}'
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "mlsm.py").write_text(EXERCISE.sub(blank, src))
+    print(f"wrote {Path(folder) / 'mlsm.py'} with exercises {', '.join(map(str, sorted(chosen)))} to write; check one "
+          f"with: MLSM_FILE={Path(folder) / 'mlsm.py'} python -m pytest test_mlsm.py -k exercise{min(chosen)}")
+
+# --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json --------------------
 def wall(fn, device, repeat=1):
     """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
     fn()
@@ -1865,12 +2081,10 @@ def wall(fn, device, repeat=1):
         fn()
     sync(device)
     return (time.perf_counter() - t0) / repeat
-
 def timed(fn):
     """-> (fn(), its seconds): for work too long to repeat."""
     t0 = time.perf_counter()
     return fn(), time.perf_counter() - t0
-
 def step_flops(model, cfg, masked):
     """FLOPs of one training step = 3 x forward (the backward pass costs twice the forward):
     2 per weight per token in the blocks -- in the last block, all but qkv only at the `masked`
@@ -1887,54 +2101,62 @@ def step_flops(model, cfg, masked):
     return 3 * (2 * blocks + 4 * cfg.seq_len * cfg.d_model * cfg.n_layers * tokens + 2 * head * masked)
 
 def bench(cfg):
-    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset. With the
-    teacher and dictionary of a finished run in --out, the coder's problems are the real ones."""
+    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset. With the teacher and
+    dictionary of a finished run in --out, the coder's problems are the real ones."""
     import resource
-    from sklearn.decomposition import sparse_encode
-    from sklearn.exceptions import ConvergenceWarning
 
     device, out = pick_device(cfg.device), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, ckpt_every=10 ** 9, log_every=10 ** 9)  # no checkpoints, no syncs
     dtype = step_dtype(cfg.dtype, device)
     r = {"device": str(device), "torch_threads": torch.get_num_threads(), "preset": cfg.preset,
-         "step_dtype": str(dtype).removeprefix("torch.")}
-
-    def peak(dt):  # GFLOP/s of the best of three square matmuls: this machine's peak in dtype dt
-        squares = [torch.randn(n, n, device=device, dtype=dt) for n in (1024, 2048, 4096)]
-        return max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
-    r["matmul_GFLOPs"] = peak(torch.float32)
+         "step_dtype": str(dtype).removeprefix("torch."), "matmul_GFLOPs": matmul_peak(torch.float32, device)}
     # MFU against the peak of the dtype the steps' matmuls run in (a half-precision peak is far higher)
-    r["step_peak_GFLOPs"] = r["matmul_GFLOPs"] if dtype == torch.float32 else peak(dtype)
+    r["step_peak_GFLOPs"] = r["matmul_GFLOPs"] if dtype == torch.float32 else matmul_peak(dtype, device)
     real = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
-    if real:
-        tok = Tokenizer.load(out / "tokenizer.json")
-        rows, dev_rows, V = load(out / "train_ids.npy"), load(out / "dev_ids.npy"), tok.vocab_size
-    else:
-        V = cfg.vocab_size
-        rows = np.random.default_rng(0).integers(N_SPECIAL, V, (4096, cfg.seq_len))
-        rows[:, 0], rows[:, -1], dev_rows = CLS, SEP, rows[:512]
+    tok, rows, dev_rows = bench_rows(cfg, out, real)
+    V = tok.vocab_size if real else cfg.vocab_size
     r["states"] = f"trained teacher of {out}" if real else "untrained teacher, random tokens"
-    ids, _, pos = get_batch(rows, cfg, 2, 0, device)
-    tokens = cfg.batch_size * cfg.seq_len
-
-    def flops(model):  # of one training step
-        return step_flops(model, cfg, pos.numel())
+    ids, _, pos = get_batch(rows, cfg, STUDENT_BATCHES, 0, device)
 
     def step_seconds(name, model, loss_fn, steps=10):
         train_loop(name, model, loss_fn, 2, cfg.lr, cfg, out, device)  # warm-up
         return train_loop(name, model, loss_fn, steps, cfg.lr, cfg, out, device)[1] / steps
 
+    def record(name, model, seconds):  # a step's time, tokens per second and MFU
+        r[f"{name}_step_s"], r[f"{name}_tokens_per_s"] = seconds, cfg.batch_size * cfg.seq_len / seconds
+        r[f"{name}_MFU"] = step_flops(model, cfg, pos.numel()) / seconds / (r["step_peak_GFLOPs"] * 1e9)
+
     teacher = build_encoder(cfg, V).to(device)
-    r["teacher_step_s"] = sec = step_seconds("bench_teacher", teacher, make_mlm_loss(teacher, rows, cfg, 1, device))
-    r["teacher_tokens_per_s"], r["teacher_MFU"] = tokens / sec, flops(teacher) / sec / (r["step_peak_GFLOPs"] * 1e9)
+    record("teacher", teacher, step_seconds("bench_teacher", teacher,
+                                            make_mlm_loss(teacher, rows, cfg, TEACHER_BATCHES, device)))
     if real:
         try:
             teacher.load_state_dict(load(out / "teacher.pt")["model"])
         except RuntimeError:  # parameter shapes differ
-            raise UserError(f"{out} holds a run of other sizes; pass the options it was made with, or "
-                            f"another --out") from None
-    freeze(teacher)
+            raise UserError(f"{out} holds a run of other sizes; pass the options it was made with, or another "
+                            f"--out") from None
+    targets = bench_dictionary(r, cfg, freeze(teacher), rows, out, real, device)
+    student = build_encoder(cfg, V, cfg.n_concepts).to(device)
+    mlsm_step_s = step_seconds("bench_student", student, make_mlsm_loss(student, targets, rows, cfg, device))
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # as inside the step
+        r["targets_s"] = wall(lambda: targets(ids, pos), device, 3)
+    record("student", student, mlsm_step_s - r["targets_s"])  # the student's own step
+    r["targets_over_student_step"] = r["targets_s"] / r["student_step_s"]
+    forward_s = wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3)  # fp32, as in the targets
+    r["coder_share_of_targets"] = 1 - forward_s / r["targets_s"]
+    bench_coder(r, cfg, targets, dev_rows, device)
+    bench_text(r, cfg, teacher if real else None, tok, device)
+    r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        r["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    save_json(out / "bench.json", r)
+    print("\n".join(f"{k:<28}{v:>14.4g}" if isinstance(v, float) else f"{k:<28}{v!s:>14}" for k, v in r.items()))
+    return r
+
+def bench_dictionary(r, cfg, teacher, rows, out, real, device):
+    """Dictionary learning timed on the teacher's states; -> the ConceptTargets of the run's own dictionary,
+    when there is one."""
     H = torch.from_numpy(teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0])
     mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])
     D, r["dictionary_fit_s"] = timed(lambda: learn_dictionary(normalise_states(H, mean).numpy(), cfg))
@@ -1942,21 +2164,42 @@ def bench(cfg):
     if real:
         z = load(out / "dictionary.npz")
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
-    coder, mean = SparseCoder(D.to(device), cfg.lam, cfg.coder_rounds), mean.to(device)
-    student = build_encoder(cfg, V, cfg.n_concepts).to(device)
-    mlsm_loss = make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)
-    mlsm_step_s = step_seconds("bench_student", student, mlsm_loss)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # as inside the step
-        r["targets_s"] = wall(lambda: concept_targets(teacher, coder, mean, ids, pos, cfg), device, 3)
-    r["student_step_s"] = sec = mlsm_step_s - r["targets_s"]  # the student's own step
-    r["student_tokens_per_s"], r["student_MFU"] = tokens / sec, flops(student) / sec / (r["step_peak_GFLOPs"] * 1e9)
-    r["targets_over_student_step"] = r["targets_s"] / sec
-    forward_s = wall(lambda: teacher(ids, layer=cfg.teacher_layer, pos=pos), device, 3)  # fp32, as in the targets
-    r["coder_share_of_targets"] = 1 - forward_s / r["targets_s"]
+    return ConceptTargets(teacher, make_coder(D.to(device), cfg), mean.to(device), cfg.teacher_layer)
 
-    # the sparse coder against scikit-learn on the same 2,000 held-out states and dictionary
-    X = normalise_states(torch.from_numpy(teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0])
-                         .to(device), mean)
+def matmul_peak(dtype, device):
+    """GFLOP/s of the best of three square matmuls: this machine's peak in dtype."""
+    squares = [torch.randn(n, n, device=device, dtype=dtype) for n in (1024, 2048, 4096)]
+    return max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
+
+def bench_rows(cfg, out, real):
+    """-> (tokenizer, train rows, dev rows) of the run in out, or random rows (tokenizer None)."""
+    if real:
+        return Tokenizer.load(out / "tokenizer.json"), load(out / "train_ids.npy"), load(out / "dev_ids.npy")
+    rows = np.random.default_rng(0).integers(N_SPECIAL, cfg.vocab_size, (4096, cfg.seq_len))
+    rows[:, 0], rows[:, -1] = CLS, SEP
+    return None, rows, rows[:512]
+
+def bench_text(r, cfg, teacher, tok, device):
+    """The tokenizer's speed on --data, and minimal pairs scored per second by a trained teacher."""
+    if Path(cfg.data).exists():
+        texts = read_corpus(cfg)[0]
+        bpe, r["bpe_train_s"] = timed(lambda: Tokenizer.train(texts, cfg.vocab_size))
+        r["tokens"], r["bpe_encode_s"] = timed(lambda: sum(len(bpe.encode(t)) for t in texts))
+        r["words"] = sum(len(t.split()) for t in texts)
+    if cfg.blimp and Path(cfg.blimp).exists() and teacher is not None:
+        pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
+        seconds = wall(lambda: minimal_pairs(mlm_scorer(teacher), tok, pairs, cfg, device), device)
+        r["blimp_pairs_per_s"] = sum(len(v) for v in pairs.values()) / seconds
+
+def bench_coder(r, cfg, targets, dev_rows, device):
+    """The sparse coder against scikit-learn on the same 2,000 held-out states and dictionary, and how many
+    rounds these states need (the share of codes solved within n rounds)."""
+    from sklearn.decomposition import sparse_encode
+    from sklearn.exceptions import ConvergenceWarning
+
+    coder = targets.coder
+    H = teacher_states(targets.source, dev_rows, cfg, 2000, device, cfg.seed + 1)[0]
+    X = normalise_states(torch.from_numpy(H).to(device), targets.mean)
     r["coder_s"] = wall(lambda: coder.encode(X), device, 3)
     with warnings.catch_warnings():  # scikit-learn's default tolerance: the reference may stop a little short
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -1966,28 +2209,14 @@ def bench(cfg):
     A, solved = coder.encode(X)
     gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
     r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
-    # how many rounds these states need: the share of codes solved within n rounds
     r["coder_solved_within_rounds"] = {str(n): round(float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float()
                                                            .mean()), 4) for n in (8, 16, 24, 32, 40, 48, 64)}
-    if Path(cfg.data).exists():  # the tokenizer
-        texts = read_corpus(cfg)[0]
-        bpe, r["bpe_train_s"] = timed(lambda: Tokenizer.train(texts, cfg.vocab_size))
-        r["tokens"], r["bpe_encode_s"] = timed(lambda: sum(len(bpe.encode(t)) for t in texts))
-        r["words"] = sum(len(t.split()) for t in texts)
-    if cfg.blimp and Path(cfg.blimp).exists() and real:  # minimal pairs scored per second
-        pairs = {k: v[:20] for k, v in load_pairs(cfg.blimp).items()}
-        seconds = wall(lambda: minimal_pairs(mlm_scorer(teacher), tok, pairs, cfg, device), device)
-        r["blimp_pairs_per_s"] = sum(len(v) for v in pairs.values()) / seconds
-    r["peak_memory_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        r["peak_gpu_memory_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    save_json(out / "bench.json", r)
-    print("\n".join(f"{k:<28}{v:>14.4g}" if isinstance(v, float) else f"{k:<28}{v!s:>14}" for k, v in r.items()))
-    return r
 
 def main(argv=None):
     try:
         cfg = parse_config(argv)
+        if cfg.handout:
+            return write_handout(cfg.handout, cfg.exercises)
         return bench(cfg) if cfg.bench else run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

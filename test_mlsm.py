@@ -2,14 +2,20 @@
 
 Every hand-written piece is checked against an independent reference: a naive BPE, torch's own
 attention and loss functions, scikit-learn's sparse coder. The end-to-end test trains the whole
-pipeline on a corpus from a small grammar whose word classes are known."""
+pipeline on the toy language, whose word classes are known.
+
+The tests of exercise n are named test_exercise<n>_...: `-k exercise3` selects them. They check the file
+that MLSM_FILE names (default: the mlsm.py beside this file), so that a student checks a handout with
+    MLSM_FILE=handout/mlsm.py python -m pytest test_mlsm.py -k exercise3"""
 
 import hashlib
 import http.server
+import importlib.util
 import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -28,78 +34,24 @@ from sklearn.decomposition import sparse_encode
 from sklearn.metrics import adjusted_mutual_info_score
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import mlsm
+MLSM_FILE = Path(os.environ.get("MLSM_FILE", Path(__file__).resolve().parent / "mlsm.py")).resolve()
+_spec = importlib.util.spec_from_file_location("mlsm", MLSM_FILE)
+mlsm = importlib.util.module_from_spec(_spec)
+sys.modules["mlsm"] = mlsm
+_spec.loader.exec_module(mlsm)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "data" / "babylm_sample"
 
 
 # ---------------------------------------------------------------------------------------------
-# A tiny probabilistic grammar with known word classes, for the end-to-end tests
+# The toy language of mlsm.py (--preset toy), whose word classes are known, for the end-to-end tests
 # ---------------------------------------------------------------------------------------------
-
-WORDS = {
-    "animal": ["dog", "cat", "horse", "bird", "cow", "goat", "duck", "fox"],
-    "food": ["apple", "bread", "cake", "egg", "pear", "plum", "bean", "nut"],
-    "tool": ["hammer", "saw", "drill", "brush", "knife", "spoon", "rope", "key"],
-    "adjective": ["big", "small", "red", "old", "young", "happy", "green", "soft"],
-}
-OBJECTS = {"eat": ["food"], "like": ["food", "animal"], "use": ["tool"], "hold": ["tool", "food"]}
-INTRANSITIVE = ["sleep", "run", "sing", "jump"]
-
-
-def noun_phrase(rng, kind):
-    plural = rng.random() < 0.5
-    det = rng.choice(["some", "the", "two"] if plural else ["a", "the", "one"])
-    adj = [rng.choice(WORDS["adjective"])] if rng.random() < 0.4 else []
-    noun = rng.choice(WORDS[kind])
-    return [det, *adj, noun + "s" if plural else noun], plural
-
-
-def sentence(rng):
-    """Subject-verb number agreement; each verb takes objects of given kinds."""
-    subject, plural = noun_phrase(rng, "animal")
-    if rng.random() < 0.3:
-        verb = rng.choice(INTRANSITIVE)
-        return subject + [verb if plural else verb + "s", "."]
-    verb = rng.choice(list(OBJECTS))
-    obj, _ = noun_phrase(rng, rng.choice(OBJECTS[verb]))
-    return subject + [verb if plural else verb + "s"] + obj + ["."]
-
-
-def word_class(word):
-    for kind, words in WORDS.items():
-        if word in words or word[:-1] in words:
-            return kind
-    if word in OBJECTS or word[:-1] in OBJECTS or word in INTRANSITIVE or word[:-1] in INTRANSITIVE:
-        return "verb"
-    return {"a": "det", "the": "det", "one": "det", "some": "det", "two": "det"}.get(word, "other")
-
-
-def grammar_text(n, seed):
-    rng = random.Random(seed)
-    return "\n".join(" ".join(sentence(rng)) for _ in range(n))
-
-
-def agreement_pairs(n, seed):
-    """Minimal pairs in BLiMP's format: the verb agrees with its subject, or it does not."""
-    rng, lines = random.Random(seed), []
-    while len(lines) < n:
-        words = sentence(rng)
-        i = next(i for i, w in enumerate(words) if word_class(w) == "verb")
-        wrong = words[i][:-1] if words[i].endswith("s") else words[i] + "s"
-        pair = {"sentence_good": " ".join(words), "sentence_bad": " ".join(words[:i] + [wrong] + words[i + 1:]),
-                "UID": "agreement"}
-        lines.append(json.dumps(pair))
-    return "\n".join(lines)
 
 
 @pytest.fixture(scope="module")
 def grammar_corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("grammar")
-    (d / "grammar.train").write_text(grammar_text(20000, 0))
-    (d / "grammar.dev").write_text(grammar_text(1000, 1))
-    (d.parent / "pairs").mkdir(exist_ok=True)
-    (d.parent / "pairs" / "agreement.jsonl").write_text(agreement_pairs(200, 2))
+    d = tmp_path_factory.mktemp("grammar") / "toy"
+    mlsm.write_toy_language(d)  # toy.train, toy.dev, pairs/agreement.jsonl
     return d
 
 
@@ -128,6 +80,14 @@ def run_error(argv, capsys):
     return err
 
 
+def check(what, returned, expected, **tolerance):
+    """torch.testing.assert_close that says what was expected and what came back (exercise tests)."""
+    try:
+        torch.testing.assert_close(returned, expected, **tolerance)
+    except AssertionError as e:
+        raise AssertionError(f"{what}\nexpected:\n{expected}\nreturned:\n{returned}\n{e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +100,7 @@ def test_help_documents_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for f in mlsm.Config.__dataclass_fields__:
         assert f"--{f}" in text
-    assert "(default: 5000; cpu: 1700; tiny: 100)" in text  # --teacher_steps: the default and the presets' values
+    assert "(default: 5000; cpu: 1700; toy: 800; tiny: 100)" in text  # --teacher_steps: default and presets
     assert text.count("(default: ") == len(mlsm.Config.__dataclass_fields__)
 
 
@@ -409,7 +369,7 @@ def random_strings(n, seed):
 
 @pytest.fixture(scope="module")
 def tok():
-    text = "\n".join(ROUND_TRIP[1:]) + "\n" + grammar_text(500, 3)
+    text = "\n".join(ROUND_TRIP[1:]) + "\n" + mlsm.toy_text(500, 3)
     return mlsm.Tokenizer.train([text], 600)
 
 
@@ -450,7 +410,7 @@ def naive_bpe(text, n_merges):
 
 
 def test_incremental_bpe_equals_naive_recount():
-    text = grammar_text(300, 5) + " aaaa bbbb aaaab 🎉🎉 ééé"
+    text = mlsm.toy_text(300, 5) + " aaaa bbbb aaaab 🎉🎉 ééé"
     tok = mlsm.Tokenizer.train([text], mlsm.N_SPECIAL + 256 + 150)
     assert tok.merges == naive_bpe(text, 150)
     assert tok.vocab_size == mlsm.N_SPECIAL + 256 + 150
@@ -502,14 +462,16 @@ def test_counter_lives_on_the_device_of_the_positions():
     assert mlsm.count(torch.empty(4, 3, dtype=torch.long)).item() == 12
 
 
-def test_masking_statistics():
+def test_exercise6_masking_statistics():
+    """m = round(0.15 * 40) = 6 distinct positions per row, never [CLS] or [SEP], all replaced by [MASK],
+    uniform over the positions, and at() reads them back row by row."""
     gen = torch.Generator().manual_seed(0)
     B, T = 2000, 42
     ids = torch.randint(mlsm.N_SPECIAL, 1000, (B, T))
     ids[:, 0], ids[:, -1] = mlsm.CLS, mlsm.SEP
     x, pos = mlsm.mask_tokens(ids, 0.15, gen)
     m = round(0.15 * (T - 2))
-    assert pos.shape == (B, m) and m == 6
+    assert pos.shape == (B, m) and m == 6, f"expected positions of shape {(B, m)}, returned {tuple(pos.shape)}"
     sel = torch.zeros(B, T, dtype=torch.bool)
     sel[torch.arange(B)[:, None], pos] = True
     assert (sel.sum(1) == m).all()  # m distinct positions in every row
@@ -609,19 +571,30 @@ def test_mlm_loss_on_masked_positions_equals_ignore_index():
     torch.testing.assert_close(mlsm.mlm_loss(logits[sel], ids[sel]), ref)
 
 
-def test_concept_kl_equals_torch_kl_div():
+def test_exercise4_code_distribution():
+    """p = a / ||a||_1 by hand; an all-zero code has no distribution (a zero row, valid False)."""
+    A = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 4.0]])
+    p, valid = mlsm.code_distribution(A)
+    check("concept distributions of the codes [1 3 0], [0 0 0], [2 2 4]", p,
+          torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.5]]))
+    check("which codes have a distribution", valid, torch.tensor([True, False, True]))
+    A = torch.relu(torch.randn(50, 12, generator=torch.Generator().manual_seed(0)))
+    p, valid = mlsm.code_distribution(A)
+    check("random codes: each distribution sums to 1", p[valid].sum(-1), torch.ones(int(valid.sum())))
+
+
+def test_exercise5_concept_kl_equals_torch_kl_div():
     torch.manual_seed(0)
     logits = torch.randn(6, 12)
     A = torch.relu(torch.randn(6, 12))
     A[2] = 0  # an all-zero code: left out
     A[4, :6] = 0  # exact zeros inside a distribution: 0 log 0 = 0
-    p, valid = mlsm.code_distribution(A)
-    assert valid.tolist() == [True, True, False, True, True, True] and p[2].sum() == 0
-    torch.testing.assert_close(p[valid].sum(-1), torch.ones(5))
+    p = A / A.sum(-1, keepdim=True).clamp(min=1e-12)  # by hand: exercise 5 does not need exercise 4
+    valid = A.sum(-1) > 0
     # the original's loss: KLDivLoss(reduction="batchmean") over every masked row, the all-zero one too
     ref = F.kl_div(F.log_softmax(logits, -1), p, reduction="batchmean")
-    torch.testing.assert_close(mlsm.concept_kl(logits, p), ref)
-    torch.testing.assert_close(mlsm.concept_kl(logits[valid], p[valid]) * 5 / 6, ref)
+    check("KL over 6 rows, one of them without a distribution", mlsm.concept_kl(logits, p), ref)
+    check("the same 5 rows that have one, scaled to 6", mlsm.concept_kl(logits[valid], p[valid]) * 5 / 6, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,12 +706,13 @@ def test_targets_in_training_are_those_of_evaluation_under_autocast():
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
     ids, _, pos = mlsm.get_batch(rows, cfg, 2, 0, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        in_step = mlsm.concept_targets(teacher, coder, mean, ids, pos, cfg)
+        in_step, counts = mlsm.ConceptTargets(teacher, coder, mean, cfg.teacher_layer)(ids, pos)
     h = mlsm.at(teacher(ids), pos)  # (M, C): fp32, all positions, as teacher_states computes them
     A, solved = coder.encode(mlsm.normalise_states(h, mean))
     p, has_mass = mlsm.code_distribution(A)
-    torch.testing.assert_close(in_step[0], p, atol=1e-6, rtol=0)
-    assert torch.equal(in_step[1], has_mass) and torch.equal(in_step[2], solved) and has_mass.float().mean() > 0.5
+    torch.testing.assert_close(in_step, p * solved[:, None], atol=1e-6, rtol=0)
+    assert counts["zero_codes"] == (~has_mass).sum() and counts["unsolved_codes"] == (~solved).sum()
+    assert has_mass.float().mean() > 0.5 and solved.all()
 
 
 def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
@@ -749,8 +723,35 @@ def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
     assert "not solved within --coder_rounds 2" in capsys.readouterr().err
     cfg.coder_rounds = 64  # learned again, coded with the default rounds: every code solved
     (tmp_path / "dictionary.npz").unlink()
-    _, _, info = mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
+    _, info = mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
     assert info["unsolved"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_exercise1_states_are_centred_and_unit_norm():
+    """x = (h - mean) / ||h - mean||, row by row: a hand-computed case, and random states against numpy."""
+    h, mean = torch.tensor([[3.0, 5.0], [2.0, 1.0]]), torch.tensor([0.0, 1.0])
+    check("states [3 5], [2 1] less the mean [0 1], at unit norm", mlsm.normalise_states(h, mean),
+          torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    H, m = torch.randn(40, 16, generator=g) + 3, torch.randn(16, generator=g)
+    ref = (H.numpy() - m.numpy()) / np.linalg.norm(H.numpy() - m.numpy(), axis=1, keepdims=True)
+    check("random states", mlsm.normalise_states(H, m), torch.from_numpy(ref))
+
+
+def test_exercise2_one_state_coder_is_optimal():
+    """active_set_one against scikit-learn's sparse_encode, and the KKT conditions of its codes: non-negative,
+    the negative gradient w = x D^T - lam - a D D^T zero on the support and at most zero elsewhere."""
+    X, D = anisotropic_problem(12, 40, 16, 5)
+    X, D = X.double(), D.double()
+    A = torch.stack([mlsm.active_set_one(x, D, 0.05) for x in X])  # (12, 40)
+    ref = torch.from_numpy(sparse_encode(X.numpy(), D.numpy(), algorithm="lasso_cd", alpha=0.05, positive=True,
+                                         max_iter=100000))
+    assert (A >= 0).all() and (A > 0).sum(1).float().mean() > 3, f"expected sparse non-negative codes, returned {A}"
+    w = X @ D.T - 0.05 - A @ (D @ D.T)  # (12, 40)
+    check("the negative gradient on the support (KKT: zero)", torch.where(A > 0, w, 0), torch.zeros_like(w),
+          atol=1e-8, rtol=0)
+    assert w[A == 0].max() < 1e-6, f"KKT: expected w <= 0 off the support, returned max {w[A == 0].max():.2e}"
+    check("codes against sklearn.decomposition.sparse_encode", A, ref, atol=1e-4, rtol=0)
 
 
 def test_batched_coder_gives_the_codes_of_the_one_state_reference():
@@ -765,7 +766,7 @@ def test_batched_coder_gives_the_codes_of_the_one_state_reference():
         torch.testing.assert_close(A, one, atol=1e-5, rtol=0)
 
 
-def test_fista_reaches_the_exact_codes_but_not_in_the_originals_100_steps():
+def test_exercise3_fista_reaches_the_exact_codes_but_not_in_the_originals_100_steps():
     """The original's coder on a badly conditioned dictionary (pairs of near-parallel atoms, 80 atoms
     in 32 dimensions): with 1,000 steps FISTA reaches the exact coder's objective -- both are right --
     while the original's 100 stop short (measured here: mean gap 1.1e-3, worst 3.0e-3; 1,000 steps
@@ -780,8 +781,10 @@ def test_fista_reaches_the_exact_codes_but_not_in_the_originals_100_steps():
     gap = lambda iters: (f(mlsm.fista(X, D, 0.05, iters)) - exact) / exact
     assert solved.all() and (A > 0).sum(1).float().mean() > 8
     long, short = gap(1000), gap(100)
-    assert long.abs().max() < 1e-5 and long.min() > -1e-8
-    assert short.mean() > 5e-4 and short.min() > 0
+    assert long.abs().max() < 1e-5 and long.min() > -1e-8, f"1,000 steps: expected a gap within 1e-5, returned " \
+        f"{long.abs().max():.2e}"
+    assert short.mean() > 5e-4 and short.min() > 0, f"100 steps: expected a gap short of the optimum, returned " \
+        f"{short.mean():.2e} on average"
 
 
 def test_learn_dictionary_recovers_planted_atoms():
@@ -815,6 +818,23 @@ def test_head_training_leaves_student_bit_identical(tmp_path):
     assert (tmp_path / "head.pt").exists() and not (tmp_path / "head.ckpt.pt").exists()
 
 
+def test_exercise8_head_starts_as_the_unigram_model():
+    """W = 0 and b = log add-one-smoothed training frequencies (counted here with numpy): whatever the concept
+    logits, the untrained head predicts the unigram distribution."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16"])
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
+    rows[:, 0], rows[:, -1] = mlsm.CLS, mlsm.SEP
+    counts = np.bincount(rows[:, 1:-1].ravel(), minlength=300) + 1.0
+    head = mlsm.make_head(cfg, rows, 300)
+    assert isinstance(head, torch.nn.Linear) and head.weight.shape == (300, 16), f"returned {head}"
+    check("the head's weights", head.weight, torch.zeros(300, 16))
+    check("the head's bias", head.bias, torch.from_numpy(np.log(counts / counts.sum())).float())
+    z = torch.randn(8, 16) * 10  # concept logits
+    with torch.no_grad():
+        check("its log-probabilities", F.log_softmax(head(z), -1), torch.log(torch.from_numpy(counts / counts.sum()))
+              .float().expand(8, 300))
+
+
 class NoHostSync(TorchDispatchMode):
     """Fails on every op after which a GPU would have to stop and report a value to the host:
     .item() / bool() / int() (_local_scalar_dense), nonzero and boolean-mask indexing (their output
@@ -839,8 +859,8 @@ def test_training_steps_never_wait_for_the_device():
     coder = mlsm.SparseCoder(F.normalize(torch.randn(16, cfg.d_model), dim=-1), cfg.lam, shrink=False)
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, V, (100, cfg.seq_len))
     for model, loss_fn in [(teacher, mlsm.make_mlm_loss(teacher, rows, cfg, 1, device)),
-                           (student, mlsm.make_mlsm_loss(student, teacher, coder, torch.zeros(cfg.d_model), rows, cfg,
-                                                    device))]:
+                           (student, mlsm.make_mlsm_loss(student, mlsm.ConceptTargets(
+                               teacher, coder, torch.zeros(cfg.d_model), cfg.teacher_layer), rows, cfg, device))]:
         with NoHostSync():
             loss, extras = loss_fn(model, 3)
             loss.backward()
@@ -871,14 +891,37 @@ def test_joint_loss_adds_weighted_token_cross_entropy():
     D = F.normalize(torch.randn(16, cfg.d_model), dim=-1)
     coder, mean = mlsm.SparseCoder(D, cfg.lam), torch.zeros(cfg.d_model)
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, V, (100, cfg.seq_len))
-    pure = mlsm.make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)(student, 7)[0]
+    targets = mlsm.ConceptTargets(teacher, coder, mean, cfg.teacher_layer)
+    pure = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7)[0]
     cfg.mlm_weight = 0.5
-    joint = mlsm.make_mlsm_loss(student, teacher, coder, mean, rows, cfg, device)(student, 7)[0]
+    joint = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7)[0]
     ids, x, pos = mlsm.get_batch(rows, cfg, 2, 7, device)
     sel = x == mlsm.MASK  # (B, T); the rows hold no [MASK] of their own
     logits = student.mlm_logits(student(x))  # (B, T, V): every position, then ignore the unmasked
     ce = F.cross_entropy(logits.view(-1, V), ids.masked_fill(~sel, -100).view(-1), ignore_index=-100)
     torch.testing.assert_close(joint, pure + 0.5 * ce)
+
+
+def test_exercise7_student_loss_is_kl_plus_weighted_token_cross_entropy(monkeypatch):
+    """L = KL(p || softmax(concept logits)) + mlm_weight * cross-entropy of the token logits at the masked
+    positions, against torch's own kl_div and cross_entropy (concept_kl replaced by torch's: exercise 7 does
+    not need exercise 5)."""
+    monkeypatch.setattr(mlsm, "concept_kl", lambda z, p: F.kl_div(F.log_softmax(z.float(), -1), p,
+                                                                  reduction="batchmean"))
+    cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16"])
+    g = torch.Generator().manual_seed(0)
+    student = mlsm.build_encoder(cfg, 300, 16)
+    ids = torch.randint(mlsm.N_SPECIAL, 300, (4, cfg.seq_len), generator=g)  # (B, T)
+    pos = torch.rand(4, cfg.seq_len - 2, generator=g).argsort(1)[:, :5] + 1  # (B, m)
+    h, p = torch.randn(20, cfg.d_model, generator=g), torch.rand(20, 16, generator=g)  # (M, C), (M, K)
+    p = p / p.sum(-1, keepdim=True)
+    with torch.no_grad():
+        kl = F.kl_div(F.log_softmax(student.concept_logits(h), -1), p, reduction="batchmean")
+        ce = F.cross_entropy(student.mlm_logits(h), torch.stack([ids[b, j] for b in range(4) for j in pos[b]]))
+        for weight in (0.0, 0.5):
+            cfg.mlm_weight = weight
+            check(f"the student's loss with --mlm_weight {weight}", mlsm.student_loss(student, h, p, ids, pos, cfg),
+                  kl + weight * ce)
 
 
 def self_student(steps, every, monkeypatch=None):
@@ -920,7 +963,7 @@ def test_self_targets_are_the_codes_of_the_students_own_states_and_carry_no_grad
     for step in range(10):
         loss_fn(student, step)
     loss = loss_fn(student, 10)[0]  # the first dictionary is learned here, before the forward pass
-    assert loss_fn.coder is not None
+    assert loss_fn.targets is not None
     grads = torch.autograd.grad(loss, list(student.concept_head.parameters()) + [student.tok_emb.weight])
     ids, x, pos = mlsm.get_batch(rows, cfg, 2, 10, torch.device("cpu"))
     h = student(x, pos=pos)  # (M, C)
@@ -1293,8 +1336,9 @@ def food_task(n, seed):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = " ".join(sentence(rng)), " ".join(sentence(rng))
-        rows.append({"sentence1": a, "sentence2": b, "label": int(any(word_class(w) == "food" for w in a.split()))})
+        a, b = " ".join(mlsm.toy_sentence(rng)), " ".join(mlsm.toy_sentence(rng))
+        label = int(any(mlsm.toy_word_class(w) == "food" for w in a.split()))
+        rows.append({"sentence1": a, "sentence2": b, "label": label})
     return "\n".join(json.dumps(r) for r in rows)
 
 
@@ -1341,7 +1385,7 @@ def test_three_class_task_fine_tunes_and_reports_macro(tiny_run, tmp_path, capsy
     out, _ = tiny_run
     rng = random.Random(0)
     for split, n in (("train", 90), ("valid", 30)):
-        rows = [{"premise": " ".join(sentence(rng)), "hypothesis": "x", "label": i % 3} for i in range(n)]
+        rows = [{"premise": " ".join(mlsm.toy_sentence(rng)), "hypothesis": "x", "label": i % 3} for i in range(n)]
         (tmp_path / f"nli.{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tasks = mlsm.load_tasks(tmp_path)
     cfg = mlsm.parse_config(["--preset", "tiny", "--finetune_steps", "3", "--finetune_seeds", "1"])
@@ -1414,7 +1458,7 @@ def load_run(out, cfg):
 
 def class_ami(tok, ids, concepts):
     """Adjusted mutual information between word classes and concepts; 0 is chance, 1 is identity."""
-    return adjusted_mutual_info_score([word_class(tok.decode([i]).strip()) for i in ids], concepts)
+    return adjusted_mutual_info_score([mlsm.toy_word_class(tok.decode([i]).strip()) for i in ids], concepts)
 
 
 @torch.no_grad()
@@ -1432,7 +1476,9 @@ def concept_amis(out, cfg):
     return class_ami(tok, ids, A.argmax(1).numpy()), class_ami(tok, mlsm.at(rows, pos).tolist(), predicted.numpy())
 
 
-E2E = ["--n_concepts", "32", "--teacher_steps", "800", "--student_steps", "400", "--head_steps", "300"]
+def toy_args(data, out, *extra):
+    """--preset toy on the fixture's copy of the toy language (the preset's own folder is data/toy)."""
+    return ["--preset", "toy", "--data", str(data), "--blimp", str(data / "pairs"), "--out", str(out), *extra]
 
 
 def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
@@ -1486,16 +1532,12 @@ def test_zero_steps_still_report(grammar_corpus, tmp_path):
 
 
 def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
-    """Thresholds chosen so that breaking any stage fails. Measured here, teacher / student AMI and
-    teacher dev loss under unigram: 0.339 / 0.266 / 0.88 (seed 0, the one tested), 0.395 / 0.325 /
-    0.80 (seed 1); seed 2's teacher leaves the unigram plateau later, 0.263 / 0.144 / 0.23. Broken on
-    purpose (seed 0): an untrained teacher 0.192 / 0.132 and a dev loss above unigram; a random
-    dictionary 0.297 / 0.224 and reconstruction error 0.82 (0.05-0.08 when learned); a teacher that
-    sees the masked input, student 0.068 and MLSM + head only 0.47 under unigram; an untrained
-    student -0.006 and MLSM + head at unigram; an untrained head, the unigram loss (it starts as the
-    unigram model)."""
-    results = mlsm.main(tiny_args(grammar_corpus, tmp_path, *E2E, "--blimp", str(grammar_corpus.parent / "pairs")))
-    teacher_ami, student_ami = concept_amis(tmp_path, mlsm.parse_config(tiny_args(grammar_corpus, tmp_path, *E2E)))
+    """--preset toy. Thresholds chosen so that breaking any stage fails; what each stage's breaking
+    does to these numbers, measured over seeds, is in README.md (Exercises). The AMIs the run reports
+    are those computed here from its saved models."""
+    results = mlsm.main(toy_args(grammar_corpus, tmp_path))
+    teacher_ami, student_ami = concept_amis(tmp_path, mlsm.parse_config(toy_args(grammar_corpus, tmp_path)))
+    assert results["word_class_ami"] == pytest.approx({"codes": teacher_ami, "student": student_ami}, abs=1e-9)
     m = results["models"]
     print(f"AMI teacher {teacher_ami:.3f}, student {student_ami:.3f}; dev loss unigram {m['unigram']['dev_loss']:.3f}, "
           f"teacher {m['teacher (MLM)']['dev_loss']:.3f}, MLSM+head {m['MLSM student + head']['dev_loss']:.3f}, "
@@ -1556,6 +1598,73 @@ def test_real_data_smoke(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# The classroom: the handout, and the toy preset
+# ---------------------------------------------------------------------------------------------
+
+
+def exercise_outcomes(module_file, tmp_path):
+    """Run this file's exercise tests on module_file -> {exercise n: [outcome of each of its tests]}: "passed",
+    or the failure's message (e.g. "NotImplementedError: exercise 5: the KL loss")."""
+    import xml.etree.ElementTree as ET
+    report = tmp_path / f"junit_{abs(hash(str(module_file)))}.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "exercise",
+                    f"--junitxml={report}", str(Path(__file__).resolve())], env={**os.environ, "MLSM_FILE": str(module_file)},
+                   capture_output=True, timeout=600, cwd=tmp_path)
+    outcomes = {}
+    for case in ET.parse(report).iter("testcase"):
+        n = int(case.get("name").split("_")[1].removeprefix("exercise"))
+        failed = case.find("failure")
+        outcomes.setdefault(n, []).append("passed" if failed is None else failed.get("message"))
+    return outcomes
+
+
+def test_handout_blanks_exactly_what_students_write(tmp_path, capsys):
+    """--handout writes a copy of mlsm.py whose exercise bodies raise NotImplementedError, with every
+    signature, docstring and the rest of the file unchanged; on it each exercise's tests fail with that
+    exercise's NotImplementedError, and on mlsm.py they pass. With --exercises 2,5 only those two are blank."""
+    import ast
+    mlsm.main(["--handout", str(tmp_path / "all")])
+    mlsm.main(["--handout", str(tmp_path / "some"), "--exercises", "2,5"])
+    assert "MLSM_FILE=" in capsys.readouterr().out
+    reference = MLSM_FILE.read_text()
+    n_exercises = len(mlsm.EXERCISE.findall(reference))
+    assert 6 <= n_exercises <= 8
+    for folder in ("all", "some"):
+        handout = (tmp_path / folder / "mlsm.py").read_text()
+        defs = [{(n.name, ast.unparse(n.args), ast.get_docstring(n)) for n in ast.walk(ast.parse(src))
+                 if isinstance(n, ast.FunctionDef)} for src in (reference, handout)]
+        assert defs[0] == defs[1]
+        outside = [re.sub(mlsm.EXERCISE.pattern, "", src, flags=re.M | re.S) for src in (reference, handout)]
+        assert outside[0] == outside[1]  # nothing changed outside the exercises
+    assert len(re.findall(r'raise NotImplementedError\("exercise \d', (tmp_path / "all" / "mlsm.py").read_text())) == \
+        n_exercises
+    on_reference = exercise_outcomes(MLSM_FILE, tmp_path)
+    assert sorted(on_reference) == list(range(1, n_exercises + 1))
+    assert all(o == "passed" for tests in on_reference.values() for o in tests), on_reference
+    for folder, blank in (("all", set(on_reference)), ("some", {2, 5})):
+        outcomes = exercise_outcomes(tmp_path / folder / "mlsm.py", tmp_path)
+        assert outcomes.keys() == on_reference.keys() and all(len(outcomes[n]) == len(on_reference[n]) for n in outcomes)
+        for n, tests in outcomes.items():
+            want = f"NotImplementedError: exercise {n}:" if n in blank else "passed"
+            assert all(o.startswith(want) for o in tests), (folder, n, tests)
+
+
+def test_handout_of_a_number_that_is_not_there_is_refused(tmp_path, capsys):
+    assert "--exercises 9" in run_error(["--handout", str(tmp_path), "--exercises", "9"], capsys)
+
+
+def test_toy_preset_makes_its_language_where_it_is_missing(tmp_path, monkeypatch):
+    """--preset toy without --data writes the toy language into data/toy (train, dev and minimal pairs) and
+    reports how well the concepts follow its word classes; the text is the one the tests use."""
+    monkeypatch.chdir(tmp_path)
+    r = mlsm.main(["--preset", "toy", "--teacher_steps", "20", "--student_steps", "20", "--head_steps", "5",
+                   "--no-baseline"])
+    assert (tmp_path / "data/toy/toy.train").read_text() == mlsm.toy_text(20000, 0)
+    assert len((tmp_path / "data/toy/pairs/agreement.jsonl").read_text().splitlines()) == 200
+    assert set(r["word_class_ami"]) == {"codes", "student"} and "BLiMP" in r["models"]["teacher (MLM)"]
+
+
+# ---------------------------------------------------------------------------------------------
 # On a CUDA GPU (skipped without one; `-k cuda` selects them)
 # ---------------------------------------------------------------------------------------------
 
@@ -1572,8 +1681,8 @@ def cuda_models(n_concepts=16):
     mlm = mlsm.build_encoder(cfg, 300).to(device)
     student = mlsm.build_encoder(cfg, 300, n_concepts).to(device)
     losses = [(mlm, mlsm.make_mlm_loss(mlm, rows, cfg, 1, device)),
-              (student, mlsm.make_mlsm_loss(student, teacher, coder, torch.zeros(cfg.d_model, device=device), rows,
-                                            cfg, device))]
+              (student, mlsm.make_mlsm_loss(student, mlsm.ConceptTargets(
+                  teacher, coder, torch.zeros(cfg.d_model, device=device), cfg.teacher_layer), rows, cfg, device))]
     return cfg, device, losses
 
 
@@ -1657,13 +1766,13 @@ def test_cuda_evaluation_and_fine_tuning(tiny_run, grammar_corpus, tmp_path):
     teacher = mlsm.build_encoder(cfg, tok.vocab_size)
     teacher.load_state_dict(torch.load(out / "teacher.pt")["model"])
     teacher = mlsm.freeze(teacher)
-    on_gpu = mlsm.eval_mlm(mlsm.mlm_scorer(teacher.to(cuda)), dev_rows, cfg, cuda)["dev_loss"]
+    on_gpu = mlsm.eval_mlm(mlsm.mlm_scorer(teacher.to(cuda)), mlsm.dev_batches(dev_rows, cfg, cuda))["dev_loss"]
     teacher = teacher.to(cpu)
     losses = [F.cross_entropy(teacher.mlm_logits(teacher(x.cpu(), pos=pos.cpu())), mlsm.at(ids, pos).cpu(),
                               reduction="sum") for ids, x, pos in mlsm.dev_batches(dev_rows, cfg, cuda)]
     n = sum(b[2].numel() for b in mlsm.dev_batches(dev_rows, cfg, cuda))
     assert on_gpu == pytest.approx(float(sum(losses)) / n, rel=1e-4)
-    sentences = [json.loads(line)["sentence_good"] for line in agreement_pairs(20, 5).splitlines()]
+    sentences = [json.loads(line)["sentence_good"] for line in mlsm.toy_pairs(20, 5).splitlines()]
     pll = {d: mlsm.pseudo_log_likelihoods(mlsm.mlm_scorer(teacher.to(d)), tok, sentences, cfg, d) for d in (cpu, cuda)}
     np.testing.assert_allclose(pll[cuda], pll[cpu], rtol=1e-4)
     (tmp_path / "food.train.jsonl").write_text(food_task(600, 0))
