@@ -17,8 +17,7 @@ Stages (each saves its output under --out; a re-run skips finished stages and re
   5. student     MLSM: predict the teacher's concept distribution      -> student.pt
   6. head        frozen student + linear layer concepts -> tokens      -> head.pt
      baseline    a student-sized encoder trained with plain MLM        -> baseline.pt
-  7. report      learning curves, dev MLM loss, BLiMP, fine-tuning, the dictionary, concepts in context
-                                                                       -> results.json, concepts.json
+  7. report      curves, dev MLM loss, BLiMP, fine-tuning, concepts  -> results.json, concepts.json
 
 Reading guide. The method is in the first half: Config, the Model, then "MLSM": states -> codes (a one-state
 solver to read, then the batched one) -> concept distributions -> KL -> the student's step -> the frozen head.
@@ -27,9 +26,8 @@ BPE tokenizer, corpus reading, seeding and sharding, files, downloads, the comma
 machinery a reader of the method can skip. README.md has a map of the file and the measured numbers.
 
 Papers (G. Berend): Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked Language
-Modeling (Findings of ACL 2023); Better Together: Jointly Using Masked Latent Semantic Modeling and Masked
-Language Modeling for Sample Efficient Pre-training (BabyLM 2023); Integrating Quasi-symbolic Conceptual
-Knowledge into Language Model Pre-training (BabyLM 2024: the frozen-backbone head of stage 6).
+Modeling (Findings of ACL 2023); Better Together: Jointly Using MLSM and MLM for Sample Efficient Pre-training
+(BabyLM 2023); Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training (BabyLM 2024).
 
 Run (times per stage are in README.md):
   python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~1 min
@@ -233,9 +231,8 @@ class Encoder(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
         self.concept_head = None
         self.apply(self._init)
-        # subtle: the concept head is built and initialised last, so that it draws from the random stream
-        # after everything else: a student and an MLM baseline built from the same seed then start from
-        # identical weights in every parameter they share
+        # subtle: the concept head draws from the random stream last, so a student and an MLM baseline built
+        # from the same seed start from identical weights in every parameter they share
         if n_concepts:
             self.concept_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C), nn.Linear(C, n_concepts))
             self.concept_head.apply(self._init)
@@ -249,12 +246,9 @@ class Encoder(nn.Module):
 
     def forward(self, ids, keep=None, layer=None, pos=None):
         """ids (B, T) -> hidden states (B, T, C) after `layer` blocks (default: all, then ln_f); with pos
-        (B, m), only the states at those positions (B m, C), row by row.
-
-        Why pos: the losses need states at masked positions only, and there the last block needs the other
-        positions only as attention's keys and values: its projection and MLP run at the masked positions
-        alone. Positions, not a boolean mask: a mask's count is data, and a GPU would have to stop and
-        report it to size the output."""
+        (B, m), only the states at those positions (B m, C), row by row. Why pos: the losses need masked
+        positions only, so the last block's projection and MLP run there alone. Positions, not a boolean
+        mask: a mask's count is data, which a GPU would have to stop and report to size the output."""
         B, T = ids.shape
         x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))  # (B, T, C)
         layer = len(self.blocks) if layer in (None, -1) else layer
@@ -274,10 +268,8 @@ def build_encoder(cfg, vocab_size, n_concepts=0):
     torch.manual_seed(cfg.seed)  # every encoder starts from the same initial weights
     return Encoder(vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout, n_concepts)
 
-# A token scorer is how every model that predicts tokens is trained against and measured -- the teacher, the
-# MLM baseline, the frozen student + head, the unigram model:
-#     token_logits(ids (B, T), keep (B, T) bool or None, pos (B, m)) -> logits (B m, V)
-# the token predictions at positions pos of rows ids; keep is False at padding (None: no padding).
+# A token scorer is how every model that predicts tokens is measured (teacher, MLM baseline, student + head,
+# unigram): token_logits(ids (B, T), keep (B, T) bool or None: False at padding, pos (B, m)) -> logits (B m, V).
 def mlm_scorer(model):
     """An MLM encoder as a token scorer."""
     return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
@@ -293,10 +285,8 @@ def at(x, pos):
 # --- 1. The teacher's states, centred and unit-norm ------------------------------------------------------
 def normalise_states(h, mean):
     """States h (N, C) -> x = (h - mean) / ||h - mean||, rows of unit L2 norm (mean: zeros when not centring).
-
-    Why centre (the original does not): contextual states are strongly anisotropic -- almost every state
-    points the same way -- so uncentred, one direction dominates every code and the sparse problems are
-    badly conditioned and slow to solve (README: How it follows the original)."""
+    Why centre (the original does not): contextual states point almost all the same way, so uncentred, one
+    direction dominates every code and the sparse problems are badly conditioned."""
     # BEGIN EXERCISE 1: centre and normalise the states
     return F.normalize(h - mean, dim=-1)
     # END EXERCISE 1
@@ -377,10 +367,9 @@ def active_set_one(x, D, lam, tol=1e-6):
 
 def fista(X, D, lam, iters=100, L=None):
     """The original's coder: `iters` steps of non-negative FISTA (Beck & Teboulle 2009). X (N, C), D (K, C)
-    -> codes A (N, K) >= 0. Each step is a gradient step of length 1/L on the objective above (L: the largest
-    eigenvalue of G, computed when not given), then the projection onto a >= 0, from a point extrapolated
-    along the last move. Near-parallel atoms make L large and the steps short, so a fixed number of steps
-    can stop short of the optimum (README: How it follows the original)."""
+    -> codes A (N, K) >= 0. Each step is a gradient step of length 1/L (L: the largest eigenvalue of G) from a
+    point extrapolated along the last move, then the projection onto a >= 0. Near-parallel atoms make L large
+    and the steps short, so a fixed number of steps can stop short of the optimum."""
     # BEGIN EXERCISE 3: FISTA
     G = D @ D.T  # (K, K)
     L = torch.linalg.eigvalsh(G.double()).max().to(G.dtype) if L is None else L
@@ -397,9 +386,8 @@ def fista(X, D, lam, iters=100, L=None):
 
 @contextlib.contextmanager
 def full_fp32_matmuls():
-    """fp32 matrix products in full fp32 inside the block, whatever was allowed outside it: TF32 on a GPU
-    (torch.backends.cuda.matmul.allow_tf32) or bf16 on a CPU (set_float32_matmul_precision) keep too few
-    bits for the coder's optimality test. subtle: only the per-backend settings are read and written;
+    """Full-fp32 matrix products inside the block, whatever is allowed outside it: TF32 on a GPU or bf16 on a
+    CPU keep too few bits for the coder's optimality test. subtle: only the per-backend settings are touched;
     torch refuses to mix them with the older global ones."""
     backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
     saved = [b.fp32_precision for b in backends]
@@ -419,11 +407,10 @@ class SparseCoder:
     product with D. The small systems G_SS z = b_S are solved in float32 with one step of iterative
     refinement, so a consumer GPU runs them at its fp32 rate.
 
-    Bookkeeping, kept out of the moves' way: each row keeps its support in `slots` (atom, in_S, coefficient
-    and the slots' Gram matrix; one more slot each round, as a round adds at most one atom). Every round is
-    the same batched work whatever the data, so a GPU runs all `rounds` without once waiting to be told
-    which rows are done. On the CPU asking costs nothing, so done rows leave (`shrink`, the CPU's default).
-    On Apple's MPS, where this batched LU has not been tried, the small systems go to the CPU (`host_solve`).
+    Bookkeeping, kept out of the moves' way: each row keeps its support in `slots` (one more each round, as a
+    round adds at most one atom). Every round is the same batched work, so a GPU runs all `rounds` without
+    waiting to be told which rows are done; on the CPU done rows leave (`shrink`). On Apple's MPS, where this
+    batched LU has not been tried, the small systems go to the CPU (`host_solve`).
 
     subtle: learned dictionaries hold near-duplicate atoms, which make G_SS badly conditioned; the
     refinement step recovers the digits that float32 elimination loses (tested against float64)."""
@@ -540,15 +527,12 @@ def code_distribution(A):
     # END EXERCISE 4
 
 class ConceptTargets:
-    """Everything the student's targets need, in one object: the model whose states are coded (`source`:
-    the teacher; None with --teacher self, whose states come from each step), the coder with its
-    dictionary, the mean state and the layer.
-
-    targets(ids, pos) codes the teacher's states at the masked positions pos (B, m) of unmasked rows ids
-    (B, T); targets.of_states(h) codes given states h (M, C). Both -> (p (M, K), counters): the concept
-    distributions, a zero row where a position gets no target (an all-zero code, or an exact code not
-    finished within --coder_rounds: each adds 0 to the loss and counts in its mean, as all-zero codes do in
-    the original), and the counts of both."""
+    """Everything the student's targets need, in one object: the model whose states are coded (`source`: the
+    teacher; with --teacher self the student), the coder with its dictionary, the mean state and the layer.
+    targets(ids, pos) codes the source's states at positions pos (B, m) of unmasked rows ids (B, T);
+    targets.of_states(h) codes given states h (M, C). Both -> (p (M, K), counters): the concept distributions,
+    a zero row where a position gets no target (an all-zero code, or an exact code unfinished within
+    --coder_rounds: it adds 0 to the loss and counts in its mean, as all-zero codes do in the original)."""
 
     def __init__(self, source, coder, mean, layer):
         self.source, self.coder, self.mean, self.layer = source, coder, mean, layer
@@ -593,9 +577,8 @@ def mask_tokens(ids, rate, gen):
     row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked) with generator gen, every one replaced
     by [MASK].
 
-    As in the original, every selected token becomes [MASK] (no BERT 80/10/10). The original selects
-    int(rate * n) tokens of a line; we select m per packed row, so every batch has M = B m masked positions
-    and a GPU never has to report how many."""
+    As in the original, every selected token becomes [MASK] (no BERT 80/10/10). A fixed m per row means every
+    batch has M = B m masked positions, and a GPU never has to report how many."""
     # BEGIN EXERCISE 6: masking
     B, T = ids.shape
     m = max(1, round(rate * (T - 2)))
@@ -630,18 +613,13 @@ def make_mlsm_loss(student, targets, rows, cfg, device):
     return loss_fn
 
 class SelfConcepts:
-    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model, the student's own states the
-    source of its concepts (the original's mode with a negative --dict_file; Berend 2024: signals "from the
-    hidden representations of the student model"). Plain MLM until the first dictionary; every `every` steps
-    a dictionary is learned, warm-started from the last one, from the states at the masked positions of the
-    steps just before; from then on the targets of a step are the codes of the student's own states (block
-    teacher_layer, detached) at the masked positions of that same forward pass. Ours: the original learns
-    after 10,000 and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train a few
-    thousand steps, so the schedule is a share of them.
-
-    subtle: the states are the training step's own (in its autocast dtype on a GPU), for the targets and for
-    the dictionaries alike. state_dict() is saved in the checkpoints, so a resumed run goes on with the same
-    dictionary and collected states."""
+    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model (the original's negative
+    --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned,
+    warm-started, from the states at the masked positions of the steps just before; from then on a step's
+    targets are the codes of the student's own states (block teacher_layer, detached) at the masked positions
+    of that same forward pass. Ours: the original learns after and every 10,000 of its 100,000 updates, from
+    its last 200 batches; our presets train a few thousand steps, so the schedule is a share of them.
+    subtle: state_dict() (dictionary and collected states) goes into the checkpoints, so a run resumes exactly."""
 
     def __init__(self, student, rows, cfg, device):
         self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
@@ -692,7 +670,8 @@ class SelfConcepts:
                 states = every
             self.states.append(states.cpu())
         if self.targets is None:  # before the first dictionary: plain MLM
-            return mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head), {"masked": count(pos)}
+            loss = mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head)
+            return loss, {"masked": count(pos)}
         p, counters = self.targets.of_states(self.states_of(h, x, pos))  # (M, K)
         loss = student_loss(student, h, p, ids, pos, cfg)
         if not cfg.mlm_weight:
@@ -702,8 +681,7 @@ class SelfConcepts:
     @staticmethod
     def idle(part):
         """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
-        parameter in every step's backward pass; on one process nothing is added (and AdamW leaves the idle
-        head alone, where under torchrun its zero gradient still lets weight decay shrink it)."""
+        parameter in every step's backward pass (on one process nothing is added)."""
         params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
         return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
 
@@ -747,9 +725,8 @@ def make_head(cfg, rows, vocab_size):
     """The token head of a frozen student: a linear layer with bias from its K concept logits to V token
     logits, trained with L_MLM while every student parameter stays as it was.
 
-    Init (ours; the paper does not say): W = 0 and b = log unigram frequencies of the training rows, so the
-    head starts as the unigram model and what it learns beyond that comes from the concepts. With PyTorch's
-    default init, concept logits of magnitude ~10 give token logits far from any sensible distribution."""
+    Init (ours; the paper does not say): W = 0 and b = log unigram frequencies of the training rows, so the head
+    starts as the unigram model and what it learns beyond that comes from the concepts (README: Exercises)."""
     head = nn.Linear(cfg.n_concepts, vocab_size)
     # BEGIN EXERCISE 8: the head's initialisation
     with torch.no_grad():
@@ -816,11 +793,10 @@ def resume(path, parts, loss_fn, device):
             "elapsed": ck["elapsed"], "curve": ck["curve"]}
 
 def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
-    """Optimise the trainable parameters of `model` for `steps` steps of loss_fn(net, step) -> (loss, counters),
-    where net is the model to call: `model`, or wrapped by DistributedDataParallel under torchrun (parallel=False:
-    this process trains alone) and by torch.compile with --compile. Counters are summed over steps (and
-    processes). curve() -> {name: float} is measured before the first step and at cfg.curve_points evenly
-    spaced steps, outside the training time. <out>/<name>.ckpt.pt is resumed when it exists.
+    """Optimise `model`'s trainable parameters for `steps` steps of loss_fn(net, step) -> (loss, counters); net
+    is `model`, wrapped by DistributedDataParallel under torchrun (unless parallel=False) and by torch.compile
+    with --compile. Counters are summed over steps and processes. curve() -> {name: float} is measured at
+    cfg.curve_points + 1 evenly spaced steps, outside the training time. <out>/<name>.ckpt.pt is resumed.
     -> (totals, training seconds, curve points)."""
     rank, world = shard() if parallel else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
@@ -974,7 +950,8 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
             with torch.no_grad():
                 X = torch.cat([normalise_states(loss_fn.states_of(student(x, pos=pos), x, pos), targets.mean)
                                for _, x, pos in dev.batches])
-            info["dictionary"] = {**code_quality(targets.coder, X), "seconds": 0.0, "in_student_seconds": loss_fn.seconds}
+            info["dictionary"] = code_quality(targets.coder, X) | {"seconds": 0.0,
+                                                                   "in_student_seconds": loss_fn.seconds}
     return student, info, targets
 
 def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
@@ -1036,6 +1013,7 @@ def unigram_scorer(train_rows, vocab_size, device):
     the dev loss, and on minimal pairs what word frequency alone gets right."""
     logp = unigram_logp(train_rows, vocab_size).to(device)  # (V,)
     return lambda ids, keep, pos: logp.repeat(pos.numel(), 1)  # (M, V)
+
 @torch.no_grad()
 def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=True):
     """Pseudo-log-likelihood of each sentence s = s_1 .. s_n (Salazar et al. 2020):
@@ -1079,6 +1057,7 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
         logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
         np.add.at(pll, rows, logp.cpu().double().numpy())
     return pll
+
 def minimal_pairs(token_logits, tok, pairs, cfg, device):
     """Accuracy on minimal pairs {paradigm: [(good, bad)]}: right only if PLL(good) > PLL(bad)
     strictly; ties are counted, and count as wrong (the official BabyLM pipelines count them right)."""
@@ -1092,6 +1071,7 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
         i += len(ps)
     return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
             "pairs": len(flat), "paradigms": per}
+
 def code_quality(coder, X):
     """How well a dictionary codes normalised states X (N, C): relative reconstruction error, mean
     non-zeros, the share of all-zero codes and the number of codes left unsolved."""
@@ -1139,7 +1119,8 @@ def word_class_amis(targets, student, tok, dev_rows, cfg, device):
     rows = torch.from_numpy(dev_rows[:64].astype(np.int64)).to(device)  # (B, T)
     x, pos = mask_tokens(rows, cfg.mask_rate, torch.Generator(device=device).manual_seed(0))
     predicted = student.concept_logits(student(x, pos=pos)).argmax(1)  # (M,)
-    return {"codes": ami(ids, A.argmax(1).cpu().numpy()), "student": ami(at(rows, pos).tolist(), predicted.cpu().numpy())}
+    return {"codes": ami(ids, A.argmax(1).cpu().numpy()),
+            "student": ami(at(rows, pos).tolist(), predicted.cpu().numpy())}
 
 class PairClassifier(nn.Module):
     """A pretrained encoder with a fresh linear classifier over the [CLS] state."""
@@ -1150,6 +1131,7 @@ class PairClassifier(nn.Module):
 
     def forward(self, ids, keep):
         return self.clf(self.encoder(ids, keep)[:, 0])  # (B, n_labels)
+
 def encode_pairs(tok, pairs, seq_len):
     """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
     each sentence cut to half of what fits."""
@@ -1159,6 +1141,7 @@ def encode_pairs(tok, pairs, seq_len):
     for i, q in enumerate(seqs):
         ids[i, :len(q)] = torch.tensor(q)
     return ids, torch.tensor([y for _, _, y in pairs])
+
 def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
     """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
     with cross-entropy: -> validation accuracy and, for two classes, F1 of class 1."""
@@ -1171,7 +1154,8 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     run_cfg = dataclasses.replace(cfg, seed=seed, compile=False)  # lengths vary: compiling would not pay
 
     def loss_fn(net, step):
-        idx = torch.from_numpy(np.random.default_rng(step_seed(run_cfg, FINETUNE_BATCHES, step)).integers(0, len(X), cfg.batch_size))
+        rng = np.random.default_rng(step_seed(run_cfg, FINETUNE_BATCHES, step))
+        idx = torch.from_numpy(rng.integers(0, len(X), cfg.batch_size))
         ids = X[idx]  # (B, T)
         ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
         return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
@@ -1187,6 +1171,7 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
         tp = int(((pred == 1) & (Yv == 1)).sum())
         r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
     return r
+
 def fingerprint(state):
     """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
     h = hashlib.sha256()
@@ -1194,6 +1179,7 @@ def fingerprint(state):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
 def probe(models, cfg, tok, tasks, out, device):
     """Fine-tune every model x task x seed, with identical settings; each result is cached in
     finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
@@ -1215,7 +1201,9 @@ def probe(models, cfg, tok, tasks, out, device):
                 m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
                     "runs": [r[m] for r in runs]} for m in runs[0]}
     return summary
+
 MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
+
 def chart(curves, key, title, width=64, height=10):
     """Learning curves {name: [{"tokens": .., key: ..}, ..]} as a text chart of `key` against tokens
     seen, each curve drawn with its letter in MARKS ('*' where curves overlap)."""
@@ -1236,6 +1224,7 @@ def chart(curves, key, title, width=64, height=10):
     print(" " * 9 + "+" + "-" * (width + 1))
     print(" " * 10 + "0" + f"{right / 1e6:>{width}.2f}" + "M tokens seen")
     print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
+
 def print_table(results):
     """One table: what each model achieved, on the same dev masks, minimal pairs and tasks."""
     models, tasks = results["models"], list(results["majority_class"])
@@ -1372,7 +1361,8 @@ def score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, studen
     -> {model name: numbers}; the student alone predicts concepts, unless trained with the joint loss."""
     scorers = {"unigram": unigram_scorer(train_rows, tok.vocab_size, device),
                "teacher (MLM)": teacher and mlm_scorer(teacher), "MLM baseline": baseline and mlm_scorer(baseline),
-               "MLSM student": cfg.mlm_weight and mlm_scorer(student), "MLSM student + head": head_scorer(student, head)}
+               "MLSM student": cfg.mlm_weight and mlm_scorer(student),
+               "MLSM student + head": head_scorer(student, head)}
     models = {}
     for name, token_logits in scorers.items():
         if token_logits or name == "MLSM student":  # the student is fine-tuned all the same
@@ -1418,6 +1408,7 @@ def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, s
 # --- Files --------------------------------------------------------------------------------------------------
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
+
 def atomic_write(path, write):
     """write(file) into a temporary file beside `path`, then rename it into place.
 
@@ -1430,8 +1421,10 @@ def atomic_write(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
 def save_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
 def load(path):
     """An artifact, read by its suffix; a damaged file becomes a UserError that says what to do."""
     readers = {".pt": lambda p: torch.load(p, map_location="cpu", weights_only=True),
@@ -1447,6 +1440,7 @@ def load(path):
 # whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives cover every character, so
 # concatenating the pre-tokens gives back the text exactly.
 PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
+
 def merge_pair(ids, pair, new_id):
     """Replace every non-overlapping occurrence of `pair`, left to right, by `new_id`."""
     out, i = [], 0
@@ -1458,6 +1452,7 @@ def merge_pair(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
 class Tokenizer:
     def __init__(self, merges):
         self.merges = [tuple(p) for p in merges]
@@ -1560,6 +1555,7 @@ def find_corpus(path):
     if not train:
         raise UserError(f"--data {path} holds no *.train or *.txt files")
     return train, dev
+
 def read_text(path):
     """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
     invalid UTF-8 bytes become U+FFFD instead of crashing."""
@@ -1568,6 +1564,7 @@ def read_text(path):
             return "\n".join(line.rstrip("\n") for line in f if line.strip())
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+
 def read_corpus(cfg):
     """--data -> (train texts, dev texts), one per file. With --train_words, each train text is cut
     to the same share of its length, at a space, so that together they hold about that many words."""
@@ -1578,6 +1575,7 @@ def read_corpus(cfg):
         cuts = [t.find(" ", int(len(t) * cfg.train_words / words)) for t in train]
         train = [t[:c] if c >= 0 else t for t, c in zip(train, cuts)]
     return train, [read_text(p) for p in dev_files]
+
 def pack(ids, seq_len):
     """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
     a row is dropped."""
@@ -1587,6 +1585,7 @@ def pack(ids, seq_len):
     cls = np.full((n, 1), CLS, rows.dtype)
     sep = np.full((n, 1), SEP, rows.dtype)
     return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
+
 def encode_corpus(cfg, tok, train_texts, dev_texts):
     """Texts -> (train rows, dev rows). Without dev texts, the last dev_fraction of each train
     text's tokens is held out, which is deterministic and keeps every source in both splits."""
@@ -1605,6 +1604,7 @@ def encode_corpus(cfg, tok, train_texts, dev_texts):
     empty = np.zeros(0, dtype)
     return (pack(np.concatenate(train or [empty]), cfg.seq_len),
             pack(np.concatenate(dev or [empty]), cfg.seq_len))
+
 def make_rows(cfg, out):
     """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
     times = load(out / "times.json") if (out / "times.json").exists() else {}
@@ -1642,10 +1642,12 @@ def step_seed(cfg, salt, step):
     """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
     resumed run draws exactly what the uninterrupted one would have."""
     return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
+
 def to_device(t, device):
     """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
     one from ordinary (pageable) memory would first wait for the device to finish its work."""
     return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
 def get_batch(rows, cfg, salt, step, device):
     """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
 
@@ -1658,6 +1660,7 @@ def get_batch(rows, cfg, salt, step, device):
     rank, world = shard()
     share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
     return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
+
 def shard():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1672,6 +1675,7 @@ def read_jsonl(path, parse, what):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}:{n} is not {what} ({e})") from None
     return items
+
 def load_pairs(path):
     """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
     file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
@@ -1685,6 +1689,7 @@ def load_pairs(path):
         for uid, pair in read_jsonl(f, parse, "a minimal pair with sentence_good and sentence_bad"):
             pairs.setdefault(uid, []).append(pair)
     return pairs
+
 TASK_FORMATS = [
     (("sentence1",), lambda d: (d["sentence1"], d.get("sentence2") or "")),  # MRPC, RTE
     (("premise", "hypothesis"), lambda d: (d["premise"], d["hypothesis"])),  # MNLI
@@ -1694,12 +1699,14 @@ TASK_FORMATS = [
     (("text", "span1_text", "span2_text"),  # WSC: does the pronoun (span 2) refer to span 1?
      lambda d: (d["text"], f"{d['span2_text']}: {d['span1_text']}")),
 ]
+
 def task_example(item):
     """One parsed jsonl line -> (segment 1, segment 2, label); KeyError for an unknown format."""
     for fields, segments in TASK_FORMATS:
         if all(f in item for f in fields):
             return (*map(str, segments(item)), int(item["label"]))
     raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
+
 def load_tasks(path, only=""):
     """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
     formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label).
@@ -1720,6 +1727,7 @@ def load_tasks(path, only=""):
     if not tasks:
         raise UserError(f"no <task>.train.jsonl files in {path}")
     return tasks
+
 def read_evaluation_data(cfg):
     """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training, so that a bad file
     stops the run before it has spent any time."""
@@ -1768,6 +1776,7 @@ GLUE_BLOBS = {f"{task}.{split}.jsonl": blob for task, train, valid in [
     ("rte", "89d43d1ab49c063392a164c7f7bd1bbab42f114e", "71802211dbdeaa58ac7cc8e3113cbdc2dfc32501"),
     ("wsc", "d111628103f7c7f15d680eda2ecafea1f68ac70d", "ac099d27b57cb3f9a4e23cb1d434f08c15785025")]
     for split, blob in (("train", train), ("valid", valid))}
+
 def unzip(folder):
     """The downloaded corpus archive -> its *.train files, directly in `folder`."""
     archive = next(folder.glob("*.zip"))
@@ -1782,6 +1791,7 @@ def unzip(folder):
     shutil.rmtree(folder / "unzipped")
     if not any(folder.glob("*.train")):
         raise UserError("the archive holds no *.train files")
+
 def file_digest(path, algorithm):
     """A file's hex digest. "git": its git blob id, the SHA-1 of b"blob <size>\\0" + content, which is
     what a repository's tree records for it (and `git hash-object FILE` prints)."""
@@ -1792,6 +1802,7 @@ def file_digest(path, algorithm):
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
 def download(dest, files, digest, option, algorithm="sha256"):
     """Download {name: url} into a temporary folder beside `dest`, check them -- `digest` a dict: each
     file's own digest; a string: the one file's digest, or of several the SHA-256 of their `sha256sum`
@@ -1832,6 +1843,7 @@ def download(dest, files, digest, option, algorithm="sha256"):
                 os.replace(p, dest / p.name)
         else:
             os.replace(folder, dest)
+
 def fetch_missing(cfg):
     """Check the user's own paths, then download the default corpus, BLiMP and (Super)GLUE tasks where
     the options name them and they are missing. Own paths first: a typo is reported at once, not after
@@ -1859,6 +1871,7 @@ def fetch_missing(cfg):
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
              "times.json", "concepts.json", "finetune.json"]
 ARTIFACTS += [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
+
 def prepare_out(cfg):
     """Create --out, or check that the artifacts in it were made by the same config."""
     out = Path(cfg.out)
@@ -1887,6 +1900,7 @@ LIMITS = [
     ("mask_rate beta2 self_every", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("dropout dev_fraction warmup", lambda v: 0 <= v < 1, "must be in [0, 1)"),
 ]
+
 def parse_config(argv=None):
     """Command line -> Config: preset values first, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1937,6 +1951,7 @@ def pick_device(name):
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {name} is not usable here ({e})") from None
     return device
+
 def join_processes(cfg):
     """-> this process's device. Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK and the
     rendezvous) it also joins the process group: NCCL between GPUs, gloo between CPU processes.
@@ -1954,6 +1969,7 @@ def join_processes(cfg):
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device
+
 def step_dtype(name, device):
     """--dtype -> the autocast dtype of a training step (float32: no autocast). subtle: a GPU without
     bf16 units (T4, V100, RTX 20) emulates it slowly, so auto asks for native support only."""
@@ -1962,16 +1978,19 @@ def step_dtype(name, device):
             return torch.float32
         name = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
 def sync(device):
     """Wait until the device has finished its queued work (a GPU runs behind the host)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
 def barrier():
     """Wait for every process (under torchrun; nothing otherwise)."""
     if dist.is_initialized():
         dist.barrier()
+
 def warn_if_slow(cfg, n_params, device):
     """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
     if device.type != "cpu" or cfg.preset != "laptop" or shard()[0] > 0:
@@ -2081,10 +2100,12 @@ def wall(fn, device, repeat=1):
         fn()
     sync(device)
     return (time.perf_counter() - t0) / repeat
+
 def timed(fn):
     """-> (fn(), its seconds): for work too long to repeat."""
     t0 = time.perf_counter()
     return fn(), time.perf_counter() - t0
+
 def step_flops(model, cfg, masked):
     """FLOPs of one training step = 3 x forward (the backward pass costs twice the forward):
     2 per weight per token in the blocks -- in the last block, all but qkv only at the `masked`

@@ -787,6 +787,31 @@ def test_exercise3_fista_reaches_the_exact_codes_but_not_in_the_originals_100_st
         f"{short.mean():.2e} on average"
 
 
+def test_fista_coder_gives_every_code_as_a_target_and_says_which_are_optimal():
+    """--coder fista: the original's 100 steps behind SparseCoder's interface. On a badly conditioned
+    dictionary some codes fail the KKT test, and they stay targets (as in the original), counted; the
+    exact coder's codes pass the same test, and a code moved off the optimum fails it."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 32, generator=g)
+    D = F.normalize(torch.cat([base, base + 0.05 * torch.randn(40, 32, generator=g)]), dim=-1)
+    X = F.normalize(torch.rand(300, 80, generator=g).pow(8) @ D, dim=-1)
+    assert not mlsm.FistaCoder(D, 0.05).encode(X)[1].any()  # the original's 100 steps: none within 1e-4 here
+    fista = mlsm.FistaCoder(D, 0.05, iters=300)
+    A, solved = fista.encode(X)
+    torch.testing.assert_close(A, mlsm.fista(X, D, 0.05, 300))
+    assert 0 < solved.sum() < len(X) and not fista.exact
+    targets = mlsm.ConceptTargets(None, fista, torch.zeros(32), -1)
+    p, counts = targets.of_states(X)
+    A, solved = fista.encode(mlsm.normalise_states(X, torch.zeros(32)))  # as of_states codes them
+    torch.testing.assert_close(p, mlsm.code_distribution(A)[0])  # unsolved codes are targets all the same
+    assert counts["unsolved_codes"] == (~solved).sum() > 0
+    exact, ok = mlsm.SparseCoder(D, 0.05).encode(X)
+    assert ok.all() and mlsm.kkt_holds(X, exact, D, 0.05, 1e-4).all()
+    moved = exact.clone()
+    moved[:, 0] += 0.01
+    assert not mlsm.kkt_holds(X, moved, D, 0.05, 1e-4).any()
+
+
 def test_learn_dictionary_recovers_planted_atoms():
     """States that are non-negative mixtures of two of 8 atoms: the learned atoms find them all,
     where random unit vectors in 20 dimensions would reach a cosine of about 0.5."""
