@@ -30,7 +30,7 @@ Modeling (Findings of ACL 2023); Better Together: Jointly Using MLSM and MLM for
 (BabyLM 2023); Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training (BabyLM 2024).
 
 Run (times per stage are in README.md):
-  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~1 min
+  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~30 s
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~50 min (estimate)
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
@@ -143,7 +143,7 @@ class Config:
     ckpt_every: int = option(500, "steps between resumable checkpoints")
     # the run
     preset: str = option("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), toy (a "
-                         "generated language with known word classes, ~1 min), tiny (smoke)")
+                         "generated language with known word classes, ~30 s), tiny (smoke)")
     out: str = option("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = option(False, "delete this run's artifacts in --out and start again")
     seed: int = option(0, "seed for initialisation, batches and masks")
