@@ -500,7 +500,7 @@ class FistaCoder(SparseCoder):
 
     def __init__(self, D, lam, iters=100, tol=1e-4):
         super().__init__(D, lam, tol=tol)
-        self.iters, self.L = iters, torch.linalg.eigvalsh(self.G.double()).max().to(self.G.dtype)
+        self.iters, self.L = iters, torch.linalg.eigvalsh(self.G.cpu().double()).max().to(self.G)  # MPS: no float64
 
     @torch.no_grad()
     @full_fp32_matmuls()
