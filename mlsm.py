@@ -506,12 +506,12 @@ class FistaCoder(SparseCoder):
     @full_fp32_matmuls()
     def encode(self, X):
         A = fista(X, self.D, self.lam, self.iters, self.L)  # (N, K)
-        return A, kkt_holds(X, A, self.D, self.lam, self.tol)
+        return A, kkt_holds(X, A, self.D, self.lam, self.tol, self.G)  # G: once per dictionary
 
-def kkt_holds(X, A, D, lam, tol):
+def kkt_holds(X, A, D, lam, tol, G=None):
     """The KKT test of optimality of codes A (N, K) >= 0 for states X (N, C): the negative gradient
     w = x D^T - lam - a G is at most tol everywhere, and at least -tol on the support. -> (N,) bool."""
-    w = X @ D.T - lam - A @ (D @ D.T)  # (N, K)
+    w = X @ D.T - lam - A @ (D @ D.T if G is None else G)  # (N, K)
     return ((w <= tol) & ((A == 0) | (w >= -tol))).all(1)
 
 def make_coder(D, cfg):
