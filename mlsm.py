@@ -30,7 +30,7 @@ Modeling (Findings of ACL 2023); Better Together: Jointly Using MLSM and MLM for
 (BabyLM 2023); Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training (BabyLM 2024).
 
 Run (times per stage are in README.md):
-  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~30 s
+  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~40 s
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~50 min (estimate)
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
@@ -94,7 +94,7 @@ class Config:
     mlm_weight: float = option(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
     coder: str = option("exact", "sparse coder: exact (active set; a code unfinished after --coder_rounds gives no "
                         "target) or fista (the original's 100 FISTA steps, every code a target)")
-    coder_rounds: int = option(64, "rounds of the exact sparse coder, each adding at most one atom to a code")
+    coder_rounds: int = option(80, "rounds of the exact sparse coder, each adding at most one atom to a code")
     dict_tokens: int = option(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = option(1, "passes of MiniBatchDictionaryLearning over those states")
     dict_jobs: int = option(-1, "processes coding each minibatch of dictionary learning (-1: every core)")
@@ -143,7 +143,7 @@ class Config:
     ckpt_every: int = option(500, "steps between resumable checkpoints")
     # the run
     preset: str = option("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), toy (a "
-                         "generated language with known word classes, ~30 s), tiny (smoke)")
+                         "generated language with known word classes, ~40 s), tiny (smoke)")
     out: str = option("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = option(False, "delete this run's artifacts in --out and start again")
     seed: int = option(0, "seed for initialisation, batches and masks")
@@ -168,7 +168,7 @@ PRESETS = {
                 dict_tokens=24_000, dict_jobs=1, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10,
                 curve_pairs=4, tasks="mrpc,rte", finetune_steps=100),
     # The tiny model on a generated language whose word classes are known (toy_language, below run()).
-    "toy": dict(TINY, data="data/toy", blimp="data/toy/pairs", n_concepts=32, teacher_steps=800, student_steps=400,
+    "toy": dict(TINY, data="data/toy", blimp="data/toy/pairs", n_concepts=32, teacher_steps=1600, student_steps=400,
                 head_steps=300),
     # Seconds, for smoke runs and tests.
     "tiny": TINY,
@@ -416,7 +416,7 @@ class SparseCoder:
     refinement step recovers the digits that float32 elimination loses (tested against float64)."""
     exact = True  # codes are optimal, or flagged unsolved
 
-    def __init__(self, D, lam, rounds=64, slots=None, shrink=None, host_solve=None, tol=1e-6):
+    def __init__(self, D, lam, rounds=80, slots=None, shrink=None, host_solve=None, tol=1e-6):
         self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
@@ -2231,7 +2231,7 @@ def bench_coder(r, cfg, targets, dev_rows, device):
     gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
     r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
     r["coder_solved_within_rounds"] = {str(n): round(float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float()
-                                                           .mean()), 4) for n in (8, 16, 24, 32, 40, 48, 64)}
+                                                           .mean()), 4) for n in (8, 16, 24, 32, 40, 48, 64, 96, 128)}
 
 def main(argv=None):
     try:

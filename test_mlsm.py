@@ -100,7 +100,7 @@ def test_help_documents_every_option(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for f in mlsm.Config.__dataclass_fields__:
         assert f"--{f}" in text
-    assert "(default: 5000; cpu: 1700; toy: 800; tiny: 100)" in text  # --teacher_steps: default and presets
+    assert "(default: 5000; cpu: 1700; toy: 1600; tiny: 100)" in text  # --teacher_steps: default and presets
     assert text.count("(default: ") == len(mlsm.Config.__dataclass_fields__)
 
 
@@ -721,7 +721,7 @@ def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
     teacher = mlsm.freeze(mlsm.build_encoder(cfg, cfg.vocab_size))
     mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
     assert "not solved within --coder_rounds 2" in capsys.readouterr().err
-    cfg.coder_rounds = 64  # learned again, coded with the default rounds: every code solved
+    cfg.coder_rounds = 80  # learned again, coded with the default rounds: every code solved
     (tmp_path / "dictionary.npz").unlink()
     _, info = mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
     assert info["unsolved"] == 0 and "warning" not in capsys.readouterr().err
@@ -1515,7 +1515,7 @@ def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
     mlsm.report(results)
     assert "warning" not in capsys.readouterr().out
     mlsm.report({**results, "student_unsolved_codes": 0.2 * results["tokens_seen"]["MLSM student"]})
-    assert "warning: 20.0% of the student's targets had no exact code within --coder_rounds 64" in capsys.readouterr().out
+    assert "warning: 20.0% of the student's targets had no exact code within --coder_rounds 80" in capsys.readouterr().out
 
 
 def test_learning_curves(tiny_run):
@@ -1557,9 +1557,10 @@ def test_zero_steps_still_report(grammar_corpus, tmp_path):
 
 
 def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
-    """--preset toy. Thresholds chosen so that breaking any stage fails; what each stage's breaking
-    does to these numbers, measured over seeds, is in README.md (Exercises). The AMIs the run reports
-    are those computed here from its saved models."""
+    """--preset toy. An untrained teacher, unfinished codes or an untrained student fail the thresholds,
+    which leave room for other CPUs and thread counts (seed 0 with 1-8 threads: AMI codes 0.59-0.64,
+    student 0.33-0.42); what breaking each stage does, over seeds, is in README.md (Exercises). The
+    AMIs the run reports are those computed here from its saved models."""
     results = mlsm.main(toy_args(grammar_corpus, tmp_path))
     teacher_ami, student_ami = concept_amis(tmp_path, mlsm.parse_config(toy_args(grammar_corpus, tmp_path)))
     assert results["word_class_ami"] == pytest.approx({"codes": teacher_ami, "student": student_ami}, abs=1e-9)
