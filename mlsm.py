@@ -416,7 +416,7 @@ class SparseCoder:
     refinement step recovers the digits that float32 elimination loses (tested against float64)."""
     exact = True  # codes are optimal, or flagged unsolved
 
-    def __init__(self, D, lam, rounds=80, slots=None, shrink=None, host_solve=None, tol=1e-6):
+    def __init__(self, D, lam, rounds=Config.coder_rounds, slots=None, shrink=None, host_solve=None, tol=1e-6):
         self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve

@@ -721,7 +721,7 @@ def test_concepts_stage_warns_when_codes_are_left_unsolved(tmp_path, capsys):
     teacher = mlsm.freeze(mlsm.build_encoder(cfg, cfg.vocab_size))
     mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
     assert "not solved within --coder_rounds 2" in capsys.readouterr().err
-    cfg.coder_rounds = 80  # learned again, coded with the default rounds: every code solved
+    cfg.coder_rounds = mlsm.Config.coder_rounds  # learned again, coded with the default rounds: every code solved
     (tmp_path / "dictionary.npz").unlink()
     _, info = mlsm.learn_concepts(cfg, teacher, rows, rows, tmp_path, torch.device("cpu"))
     assert info["unsolved"] == 0 and "warning" not in capsys.readouterr().err
@@ -1515,7 +1515,7 @@ def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
     mlsm.report(results)
     assert "warning" not in capsys.readouterr().out
     mlsm.report({**results, "student_unsolved_codes": 0.2 * results["tokens_seen"]["MLSM student"]})
-    assert "warning: 20.0% of the student's targets had no exact code within --coder_rounds 80" in capsys.readouterr().out
+    assert f"warning: 20.0% of the student's targets had no exact code within --coder_rounds {mlsm.Config.coder_rounds}" in capsys.readouterr().out
 
 
 def test_learning_curves(tiny_run):
