@@ -106,6 +106,8 @@ class Config:
     # training: AdamW, warmup and linear decay, clipping as in the original; lr, warmup, beta2 and masking
     # from the recipe search in README.md (the original, for BERT-base: lr 1e-4, 1% warmup, beta2 0.999, 15%)
     batch_size: int = option(64, "rows per training step (in all: torchrun's processes share them)")
+    micro_batch: int = option(0, "rows per forward and backward pass: each step's rows in chunks of this many, "
+                              "the gradients summed (the same training in less memory, for small GPUs); 0: all at once")
     lr: float = option(1e-3, "peak learning rate of teacher, student and MLM baseline")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases, LayerNorms and embeddings)")
     beta2: float = option(0.98, "AdamW beta2")
@@ -175,8 +177,8 @@ PRESETS = {
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "compile", "bench", "handout", "exercises", "log_every", "ckpt_every", "blimp",
-            "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
+RUN_ONLY = {"out", "fresh", "device", "dtype", "micro_batch", "compile", "bench", "handout", "exercises", "log_every",
+            "ckpt_every", "blimp", "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
 # === The model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ============================
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -386,17 +388,23 @@ def fista(X, D, lam, iters=100, L=None):
 
 @contextlib.contextmanager
 def full_fp32_matmuls():
-    """Full-fp32 matrix products inside the block, whatever is allowed outside it: TF32 on a GPU or bf16 on a
-    CPU keep too few bits for the coder's optimality test. subtle: only the per-backend settings are touched;
-    torch refuses to mix them with the older global ones."""
-    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
+    """Full-fp32 matrix products inside the block, whatever the user allowed outside it (TF32 on a GPU, bf16 on a
+    CPU keep too few bits for the coder's optimality test), and afterwards exactly what they had.
+    subtle: torch 2.9 added per-backend settings beside the global one and refuses a matmul when the two
+    disagree; torch.set_float32_matmul_precision sets both, so it is the one switch used here."""
+    per_backend = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul] \
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision") else []  # torch >= 2.9
+    saved = [b.fp32_precision for b in per_backend]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # unreadable once the per-backend settings were used, which leave it at its default
+        legacy = "highest"
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        for b, precision in zip(backends, saved):
+        torch.set_float32_matmul_precision(legacy)
+        for b, precision in zip(per_backend, saved):
             b.fp32_precision = precision
 
 class SparseCoder:
@@ -603,29 +611,30 @@ def student_loss(student, h, p, ids, pos, cfg):
     # END EXERCISE 7
 
 def make_mlsm_loss(student, targets, rows, cfg, device):
-    """loss_fn(net, step) of the MLSM student, given the teacher's ConceptTargets. Under torchrun each process
-    computes the targets of its own rows."""
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, STUDENT_BATCHES, step, device)  # (B, T), (B, T), (B, m)
+    """loss_fn(net, step, part) of the MLSM student, given the teacher's ConceptTargets. Under torchrun each
+    process computes the targets of its own rows."""
+    def loss_fn(net, step, part):
+        ids, x, pos = get_batch(rows, cfg, STUDENT_BATCHES, step, device, part)  # (B, T), (B, T), (B, m)
         p, counters = targets(ids, pos)  # (M, K)
         h = net(x, pos=pos)  # (M, C)
         return student_loss(student, h, p, ids, pos, cfg), {"masked": count(pos), **counters}
     return loss_fn
 
 class SelfConcepts:
-    """loss_fn(net, step) of --teacher self: MLSM without an auxiliary model (the original's negative
-    --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned,
-    warm-started, from the states at the masked positions of the steps just before; from then on a step's
-    targets are the codes of the student's own states (block teacher_layer, detached) at the masked positions
-    of that same forward pass. Ours: the original learns after and every 10,000 of its 100,000 updates, from
-    its last 200 batches; our presets train a few thousand steps, so the schedule is a share of them.
+    """loss_fn(net, step, part) of --teacher self: MLSM without an auxiliary model (the original's negative
+    --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned, warm-started,
+    from the student's states at every position of the masked rows of the steps just before, as in the original;
+    from then on a step's targets are the codes of the student's own states at its masked positions.
+    The states (block teacher_layer) are read as a teacher's are: in fp32, without dropout, without gradient --
+    one more forward pass a step; the original takes them from its training forward pass. Ours also: the
+    original learns after and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train
+    a few thousand steps, so the schedule is a share of them.
     subtle: state_dict() (dictionary and collected states) goes into the checkpoints, so a run resumes exactly."""
 
     def __init__(self, student, rows, cfg, device):
         self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
         self.every = max(1, round(cfg.self_every * cfg.student_steps))
-        per_step = cfg.batch_size * max(1, round(cfg.mask_rate * (cfg.seq_len - 2)))
-        self.window = math.ceil(cfg.dict_tokens / per_step)  # steps whose states a dictionary is learned from
+        self.window = math.ceil(cfg.dict_tokens / (cfg.batch_size * cfg.seq_len))  # steps a dictionary learns from
         self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
 
     def state_dict(self):
@@ -636,12 +645,23 @@ class SelfConcepts:
         self.targets = None if self.D is None else ConceptTargets(
             None, make_coder(self.D.to(self.device), self.cfg), self.mean.to(self.device), self.cfg.teacher_layer)
 
-    def states_of(self, h, x, pos):
-        """The concept layer's states at the masked positions (M, C), detached."""
-        if self.cfg.teacher_layer == -1:
-            return h.detach().float()
-        with torch.no_grad():
-            return self.student(x, layer=self.cfg.teacher_layer, pos=pos).float()
+    def states_of(self, x):
+        """The concept layer's states of the masked rows x (B, T) -> (B, T, C), in fp32, without dropout."""
+        training = self.student.training
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            H = self.student.eval()(x, layer=self.cfg.teacher_layer)  # (B, T, C)
+        self.student.train(training)
+        return H
+
+    def collect(self, H):
+        """Keep the states of every position of H (B, T, C) for the next dictionary; under torchrun, the whole
+        batch's."""
+        H = H.flatten(0, 1)  # (B T, C)
+        if dist.is_initialized():
+            every = torch.empty(len(H) * dist.get_world_size(), H.shape[1], device=H.device)
+            dist.all_gather_into_tensor(every, H)
+            H = every
+        self.states.append(H.cpu())
 
     def relearn(self):
         """A dictionary from the collected states: learned on rank 0, sent to every process."""
@@ -656,23 +676,20 @@ class SelfConcepts:
             dist.broadcast(D, 0)
         self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean, "seconds": self.seconds + time.time() - t0})
 
-    def __call__(self, net, step):
+    def __call__(self, net, step, part):
         cfg, student = self.cfg, self.student
-        if step % self.every == 0 and self.states:
+        if step % self.every == 0 and self.states and not part.start:  # at the step's first chunk of rows
             self.relearn()
-        ids, x, pos = get_batch(self.rows, cfg, STUDENT_BATCHES, step, self.device)  # (B, T), (B, T), (B, m)
+        ids, x, pos = get_batch(self.rows, cfg, STUDENT_BATCHES, step, self.device, part)  # (B, T), (B, T), (B, m)
+        collecting = step % self.every >= self.every - self.window and step + 1 < cfg.student_steps
+        H = self.states_of(x) if collecting or self.targets else None  # (B, T, C)
+        if collecting:
+            self.collect(H)
         h = net(x, pos=pos)  # (M, C)
-        if step % self.every >= self.every - self.window and step + 1 < cfg.student_steps:  # for the next dictionary
-            states = self.states_of(h, x, pos)
-            if dist.is_initialized():  # every process collects the whole batch's states
-                every = torch.empty(len(states) * dist.get_world_size(), states.shape[1], device=states.device)
-                dist.all_gather_into_tensor(every, states)
-                states = every
-            self.states.append(states.cpu())
         if self.targets is None:  # before the first dictionary: plain MLM
             loss = mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head)
             return loss, {"masked": count(pos)}
-        p, counters = self.targets.of_states(self.states_of(h, x, pos))  # (M, K)
+        p, counters = self.targets.of_states(at(H, pos))  # (M, K)
         loss = student_loss(student, h, p, ids, pos, cfg)
         if not cfg.mlm_weight:
             loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
@@ -702,7 +719,7 @@ def student_curve(student, concepts, dev):
                 p = fixed[i]
             else:
                 direction = direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
-                p = concepts.targets and concepts.targets.of_states(concepts.states_of(h, x, pos))[0]
+                p = concepts.targets and concepts.targets.of_states(at(concepts.states_of(x), pos))[0]
             if p is not None:
                 kl = kl + concept_kl(student.concept_logits(h), p) * len(p)
         point = {"state_alignment": float(direction.norm()) / n} if own else {}
@@ -734,6 +751,15 @@ def make_head(cfg, rows, vocab_size):
         head.bias.copy_(unigram_logp(rows, vocab_size))
     # END EXERCISE 8
     return head
+
+def make_head_loss(student, rows, cfg, device):
+    """loss_fn(net, step, part) of the token head `net` on the frozen student: L_MLM of net(concept logits)."""
+    def loss_fn(net, step, part):
+        ids, x, pos = get_batch(rows, cfg, HEAD_BATCHES, step, device, part)  # (B, T), (B, T), (B, m)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # in fp32, as evaluation computes them
+            z = student.concept_logits(student(x, pos=pos))  # (M, K)
+        return mlm_loss(net(z), at(ids, pos)), {}
+    return loss_fn
 
 def head_scorer(student, head):
     """Frozen student + token head as a token scorer."""
@@ -786,20 +812,22 @@ def resume(path, parts, loss_fn, device):
         return {"step": 0, "totals": {}, "elapsed": 0.0, "curve": []}
     ck = load(path)
     for name, part in parts.items():
-        part.load_state_dict(ck.get(name, {}))  # "scaler": {} in checkpoints from before fp16 support
+        if ck.get(name):  # subtle: a run without fp16 saves an empty scaler state, which fp16 starts afresh
+            part.load_state_dict(ck[name])
     if "loss_state" in ck:
         loss_fn.load_state_dict(ck["loss_state"])
     return {"step": ck["step"], "totals": {k: v.to(device) for k, v in ck["totals"].items()},
             "elapsed": ck["elapsed"], "curve": ck["curve"]}
 
 def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
-    """Optimise `model`'s trainable parameters for `steps` steps of loss_fn(net, step) -> (loss, counters); net
-    is `model`, wrapped by DistributedDataParallel under torchrun (unless parallel=False) and by torch.compile
-    with --compile. Counters are summed over steps and processes. curve() -> {name: float} is measured at
-    cfg.curve_points + 1 evenly spaced steps, outside the training time. <out>/<name>.ckpt.pt is resumed.
-    -> (totals, training seconds, curve points)."""
+    """Optimise `model`'s trainable parameters for `steps` steps of loss_fn(net, step, part) -> (loss, counters)
+    on the rows `part` of the step's batch (all of them, or --micro_batch at a time); net is `model`, wrapped by
+    DistributedDataParallel under torchrun (unless parallel=False) and by torch.compile with --compile. Counters
+    are summed over steps and processes. curve() -> {name: float} is measured at cfg.curve_points + 1 evenly
+    spaced steps, outside the training time. <out>/<name>.ckpt.pt is resumed. -> (totals, seconds, curve points)."""
     rank, world = shard() if parallel else (0, 1)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else None  # averages gradients over processes
+    net = ddp or model
     net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
     optimizer, schedule = make_optimizer(model, lr, steps, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -821,16 +849,31 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
                 points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len,
                                "seconds": clock.seconds(), **curve()})
 
+    def gradients(step):  # forward and backward passes over this process's rows -> (loss, counters)
+        loss, counters, chunks = 0.0, {}, micro_batches(cfg, world)
+        for i, (part, share) in enumerate(chunks):
+            with ddp.no_sync() if ddp and i < len(chunks) - 1 else contextlib.nullcontext():  # one all-reduce a step
+                with autocast:
+                    chunk_loss, chunk_counters = loss_fn(net, step, part)
+                scaler.scale(chunk_loss * share).backward()  # without fp16, scaler passes everything unchanged
+            loss = loss + chunk_loss.detach() * share
+            counters = {k: counters.get(k, 0) + v for k, v in chunk_counters.items()}
+        return loss, counters
+
     bar, recent = tqdm(range(progress["step"], steps), initial=progress["step"], total=steps, desc=name,
                        disable=rank > 0), 0.0
     for step in bar:
         measure(step)
         model.train()
         torch.manual_seed(step_seed(cfg, DROPOUT, step) + rank)  # dropout too is a function of the step alone
-        with autocast:
-            loss, counters = loss_fn(net, step)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # without fp16, scaler passes everything through unchanged
+        try:
+            loss, counters = gradients(step)
+        except torch.OutOfMemoryError:
+            rows = cfg.batch_size // world
+            raise UserError(f"{name}: out of GPU memory in a step of {rows} rows; run the same command with "
+                            f"--micro_batch {max(1, rows // 4)} (the same training, that many rows at a time): it "
+                            f"resumes from the last checkpoint") from None
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         scaler.step(optimizer)  # skipped where fp16 gradients overflowed (and the scale is lowered)
@@ -851,6 +894,12 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     sync(device)  # the time is the device's: it may still be running the last steps
     model.eval()
     return {k: float(v) for k, v in totals.items()}, clock.seconds(), points
+
+def micro_batches(cfg, world):
+    """This process's rows of a step, in chunks of --micro_batch -> [(slice of the rows, its share of them)]."""
+    rows = cfg.batch_size // world
+    n = cfg.micro_batch or rows
+    return [(slice(i, i + n), min(n, rows - i) / rows) for i in range(0, rows, n)]
 
 def add_counters(totals, counters, world):
     """Add a step's counters to the totals; under torchrun, those of the whole batch (one small all-reduce, no
@@ -888,9 +937,9 @@ def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None)
 
 # === Stages 3-6: the teacher, the concepts, the student, the head ========================================
 def make_mlm_loss(model, rows, cfg, salt, device):
-    """loss_fn(net, step) for plain MLM: the model sees the masked input and predicts the original tokens."""
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, salt, step, device)  # (B, T), (B, T), (B, m)
+    """loss_fn(net, step, part) for plain MLM: the model sees the masked input and predicts the original tokens."""
+    def loss_fn(net, step, part):
+        ids, x, pos = get_batch(rows, cfg, salt, step, device, part)  # (B, T), (B, T), (B, m)
         h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
         return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
     return loss_fn
@@ -948,7 +997,7 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
         targets.source = student
         if dev:  # the dictionary's quality on the student's own states at the dev masks
             with torch.no_grad():
-                X = torch.cat([normalise_states(loss_fn.states_of(student(x, pos=pos), x, pos), targets.mean)
+                X = torch.cat([normalise_states(at(loss_fn.states_of(x), pos), targets.mean)
                                for _, x, pos in dev.batches])
             info["dictionary"] = code_quality(targets.coder, X) | {"seconds": 0.0,
                                                                    "in_student_seconds": loss_fn.seconds}
@@ -958,15 +1007,8 @@ def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
     """Stage 6: only the linear token head on the frozen student's concept logits, trained with L_MLM."""
     freeze(student)
     head = make_head(cfg, rows, vocab_size).to(device)
-
-    def loss_fn(net, step):
-        ids, x, pos = get_batch(rows, cfg, HEAD_BATCHES, step, device)
-        with torch.no_grad():
-            z = student.concept_logits(student(x, pos=pos))  # (M, K)
-        return mlm_loss(net(z.float()), at(ids, pos)), {}
-
-    return train_or_load("head", head, loss_fn, cfg.head_steps, cfg.head_lr, cfg, out, device,
-                         dev and partial(dev.point, head_scorer(student, head)))
+    return train_or_load("head", head, make_head_loss(student, rows, cfg, device), cfg.head_steps, cfg.head_lr, cfg,
+                         out, device, dev and partial(dev.point, head_scorer(student, head)))
 
 # === Evaluation: dev loss, minimal pairs by pseudo-log-likelihood, the dictionary, fine-tuning, report ====
 EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
@@ -1153,9 +1195,9 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
     X, Y = encode_pairs(tok, train_pairs, cfg.seq_len)
     run_cfg = dataclasses.replace(cfg, seed=seed, compile=False)  # lengths vary: compiling would not pay
 
-    def loss_fn(net, step):
+    def loss_fn(net, step, part):
         rng = np.random.default_rng(step_seed(run_cfg, FINETUNE_BATCHES, step))
-        idx = torch.from_numpy(rng.integers(0, len(X), cfg.batch_size))
+        idx = torch.from_numpy(rng.integers(0, len(X), cfg.batch_size)[part])
         ids = X[idx]  # (B, T)
         ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
         return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
@@ -1644,22 +1686,23 @@ def step_seed(cfg, salt, step):
     return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
 
 def to_device(t, device):
-    """A host tensor, copied to the device from pinned memory: the copy overlaps with compute, where
-    one from ordinary (pageable) memory would first wait for the device to finish its work."""
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+    """A host tensor on the device. To a CUDA GPU from pinned memory and without waiting: the copy overlaps with
+    compute. subtle: nowhere else -- on Apple's MPS a non-blocking copy may read its source after it is freed."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-def get_batch(rows, cfg, salt, step, device):
+def get_batch(rows, cfg, salt, step, device, part=slice(None)):
     """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
 
     Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
-    its own share of the rows, so N processes train on exactly the batches and masks of one."""
+    its own share of the rows, so N processes train on exactly the batches and masks of one; part (a
+    slice of that share, with --micro_batch) keeps some of them in the same way."""
     seed = step_seed(cfg, salt, step)
     idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
     ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
     gen = torch.Generator(device=device).manual_seed(seed)
     rank, world = shard()
     share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
-    return tuple(t[share] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
+    return tuple(t[share][part] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
 
 def shard():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
@@ -1893,7 +1936,7 @@ def prepare_out(cfg):
 # --- The command line -----------------------------------------------------------------------------------------------
 LIMITS = [
     ("teacher_steps student_steps head_steps dict_epochs finetune_steps train_words blimp_pairs curve_pairs "
-     "mlm_weight weight_decay", lambda v: v >= 0, "must not be negative"),
+     "mlm_weight weight_decay micro_batch", lambda v: v >= 0, "must not be negative"),
     ("seq_len d_model n_layers n_heads batch_size n_concepts dict_tokens coder_rounds eval_rows log_every ckpt_every "
      "finetune_seeds curve_points", lambda v: v >= 1, "must be at least 1"),
     ("lr head_lr lam finetune_lr clip", lambda v: v > 0, "must be positive"),
@@ -1942,9 +1985,14 @@ def parse_config(argv=None):
 
 # --- Devices and processes ----------------------------------------------------------------------------------------
 def pick_device(name):
+    """--device -> a torch.device, checked to be usable with this torch."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    mps = name.startswith("mps")
+    need = "2.10" if mps else "2.4"  # on MPS, the sparse coder's embedding_bag needs 2.10
+    if torch.__version__ < need:
+        raise UserError(f"mlsm.py on {name} needs torch {need} or newer, and this is torch {torch.__version__}: "
+                        f"pip install --upgrade 'torch>={need}'" + (", or run on the CPU: --device cpu" if mps else ""))
     try:
         device = torch.device(name)
         torch.empty(1, device=device)
@@ -2228,7 +2276,7 @@ def bench_coder(r, cfg, targets, dev_rows, device):
                                                                 algorithm="lasso_cd", alpha=cfg.lam, positive=True))
     r["coder_speedup"] = r["sparse_encode_s"] / r["coder_s"]
     A, solved = coder.encode(X)
-    gap = (coder.objective(X, A).double() / coder.objective(X, torch.from_numpy(ref).to(device)).double() - 1).cpu()
+    gap = coder.objective(X, A).cpu().double() / coder.objective(X, torch.from_numpy(ref).to(device)).cpu().double() - 1
     r.update(coder_unsolved=int((~solved).sum()), coder_gap_mean=float(gap.mean()), coder_gap_max=float(gap.max()))
     r["coder_solved_within_rounds"] = {str(n): round(float(SparseCoder(coder.D, cfg.lam, n).encode(X)[1].float()
                                                            .mean()), 4) for n in (8, 16, 24, 32, 40, 48, 64, 96, 128)}

@@ -41,6 +41,7 @@ sys.modules["mlsm"] = mlsm
 _spec.loader.exec_module(mlsm)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "data" / "babylm_sample"
+ALL = slice(None)  # a loss function's `part`: every row of the step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ def grammar_corpus(tmp_path_factory):
 
 
 def tiny_args(data, out, *extra):
-    return ["--preset", "tiny", "--data", str(data), "--out", str(out), *extra]
+    """A tiny run on the CPU, also on a machine with a GPU: only the `-k cuda` tests use one."""
+    return ["--preset", "tiny", "--data", str(data), "--out", str(out), "--device", "cpu", *extra]
 
 
 RUN = ["--dropout", "0.1"]  # the shared run: with dropout, so that resuming must reproduce it too
@@ -679,20 +681,59 @@ def test_sparse_coder_solves_codes_of_more_than_32_atoms_by_default():
     assert not mlsm.SparseCoder(D, 0.05, slots=32).encode(X)[1].any()
 
 
-def test_coder_is_unchanged_when_reduced_precision_matmuls_are_allowed():
-    """TF32 on a GPU, bf16 on this CPU: allowed outside, the coder still computes in full fp32 (without
-    pinning, this CPU's bf16 products moved codes by 3e-6 here), and leaves the setting as it was."""
+PER_BACKEND = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
+PRECISIONS = {  # what users write to allow TF32 on a GPU or bf16 on a CPU
+    "nothing": lambda: None,
+    "allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "high": lambda: torch.set_float32_matmul_precision("high"),
+    "medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "cuda tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "mkldnn bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+    "every backend tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+}
+
+
+def precision_settings():
+    """Every matmul precision setting, each as read, or the error reading it raises."""
+    reads = [lambda: torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision]
+    if PER_BACKEND:
+        reads += [lambda: torch.backends.cuda.matmul.fp32_precision, lambda: torch.backends.mkldnn.matmul.fp32_precision,
+                  lambda: torch.backends.fp32_precision]
+    values = []
+    for read in reads:
+        try:
+            values.append(read())
+        except RuntimeError as e:  # "mix of the legacy and new APIs"
+            values.append(type(e).__name__)
+    return values
+
+
+@pytest.fixture
+def user_precision():
+    """Whatever a test sets, the defaults again afterwards."""
+    yield
+    torch.set_float32_matmul_precision("highest")
+    if PER_BACKEND:
+        torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("setting", PRECISIONS)
+def test_coder_computes_in_full_fp32_whatever_the_user_allowed(setting, user_precision):
+    """Inside the coder's block every setting reads as full fp32 -- the legacy TF32 flag too, which a GPU's
+    every matmul checks against the per-backend one (torch 2.9 refuses a mix) -- the codes are bitwise those
+    under the defaults (this CPU's bf16 products moved them by 3e-6 without the block), and afterwards every
+    setting is what the user had."""
+    if setting not in ("nothing", "allow_tf32", "high", "medium") and not PER_BACKEND:
+        pytest.skip("torch < 2.9 has no per-backend precision settings")
     X, D = anisotropic_problem(400, 1024, 256, 3)
     exact = mlsm.SparseCoder(D, 0.05).encode(X)
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.set_float32_matmul_precision("medium")
-        coder = mlsm.SparseCoder(D, 0.05)
-        codes = coder.encode(X)
-        assert torch.get_float32_matmul_precision() == "medium"
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-    finally:
-        torch.set_float32_matmul_precision("highest")
+    PRECISIONS[setting]()
+    before = precision_settings()
+    with mlsm.full_fp32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+    codes = mlsm.SparseCoder(D, 0.05).encode(X)
+    assert precision_settings() == before
     assert torch.equal(codes[0], exact[0]) and torch.equal(codes[1], exact[1])
 
 
@@ -843,6 +884,22 @@ def test_head_training_leaves_student_bit_identical(tmp_path):
     assert (tmp_path / "head.pt").exists() and not (tmp_path / "head.ckpt.pt").exists()
 
 
+def test_head_trains_on_the_fp32_concept_logits_that_evaluation_uses():
+    """Under a step's bf16 autocast (here on the CPU, as a GPU runs it) the head's loss is the one on the frozen
+    student's fp32 concept logits, as evaluation computes them -- not on bf16 ones."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16"])
+    torch.manual_seed(0)
+    student, head = mlsm.freeze(mlsm.build_encoder(cfg, 300, 16)), torch.nn.Linear(16, 300)
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
+    ids, x, pos = mlsm.get_batch(rows, cfg, mlsm.HEAD_BATCHES, 3, torch.device("cpu"))
+    with torch.no_grad():
+        z = student.concept_logits(student(x, pos=pos))  # (M, K), fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mlsm.make_head_loss(student, rows, cfg, torch.device("cpu"))(head, 3, ALL)[0]
+            assert loss == mlsm.mlm_loss(head(z), mlsm.at(ids, pos))
+            assert loss != mlsm.mlm_loss(head(student.concept_logits(student(x, pos=pos))), mlsm.at(ids, pos))
+
+
 def test_exercise8_head_starts_as_the_unigram_model():
     """W = 0 and b = log add-one-smoothed training frequencies (counted here with numpy): whatever the concept
     logits, the untrained head predicts the unigram distribution."""
@@ -887,7 +944,7 @@ def test_training_steps_never_wait_for_the_device():
                            (student, mlsm.make_mlsm_loss(student, mlsm.ConceptTargets(
                                teacher, coder, torch.zeros(cfg.d_model), cfg.teacher_layer), rows, cfg, device))]:
         with NoHostSync():
-            loss, extras = loss_fn(model, 3)
+            loss, extras = loss_fn(model, 3, ALL)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         assert loss > 0 and extras["masked"] == cfg.batch_size * round(cfg.mask_rate * (cfg.seq_len - 2))
@@ -917,9 +974,9 @@ def test_joint_loss_adds_weighted_token_cross_entropy():
     coder, mean = mlsm.SparseCoder(D, cfg.lam), torch.zeros(cfg.d_model)
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, V, (100, cfg.seq_len))
     targets = mlsm.ConceptTargets(teacher, coder, mean, cfg.teacher_layer)
-    pure = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7)[0]
+    pure = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7, ALL)[0]
     cfg.mlm_weight = 0.5
-    joint = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7)[0]
+    joint = mlsm.make_mlsm_loss(student, targets, rows, cfg, device)(student, 7, ALL)[0]
     ids, x, pos = mlsm.get_batch(rows, cfg, 2, 7, device)
     sel = x == mlsm.MASK  # (B, T); the rows hold no [MASK] of their own
     logits = student.mlm_logits(student(x))  # (B, T, V): every position, then ignore the unmasked
@@ -949,10 +1006,10 @@ def test_exercise7_student_loss_is_kl_plus_weighted_token_cross_entropy(monkeypa
                   kl + weight * ce)
 
 
-def self_student(steps, every, monkeypatch=None):
+def self_student(steps, every, *extra):
     """A --teacher self student of the tiny preset and its loss function, on random rows."""
     cfg = mlsm.parse_config(["--preset", "tiny", "--teacher", "self", "--n_concepts", "16", "--dict_tokens", "1200",
-                             "--student_steps", str(steps), "--self_every", str(every)])
+                             "--student_steps", str(steps), "--self_every", str(every), *extra])
     torch.manual_seed(0)
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (200, cfg.seq_len))
     student = mlsm.build_encoder(cfg, 300, 16)
@@ -960,60 +1017,74 @@ def self_student(steps, every, monkeypatch=None):
 
 
 def test_self_mode_trains_mlm_first_then_relearns_its_dictionary_at_the_interval(monkeypatch):
-    """--teacher self: plain MLM for the first share of steps; a dictionary at every multiple of it,
-    from the states of the steps just before (enough for --dict_tokens), warm-started after the first."""
-    cfg, rows, student, loss_fn = self_student(40, 0.25)
+    """--teacher self: plain MLM for the first share of steps; a dictionary at every multiple of it, warm-started
+    after the first, from the states of every position of the masked rows of the steps just before (enough for
+    --dict_tokens: 2 steps of 64 x 32 here), as the original learns it."""
+    cfg, rows, student, loss_fn = self_student(40, 0.25, "--dict_tokens", "4000")
     learned, real, now = [], mlsm.learn_dictionary, {}
     monkeypatch.setattr(mlsm, "learn_dictionary",
                         lambda X, cfg, init=None: learned.append((now["step"], len(X), init is None)) or real(X, cfg, init))
     for step in range(40):
         now["step"] = step
-        loss, extras = loss_fn(student, step)
+        loss, extras = loss_fn(student, step, ALL)
+        ids, x, pos = mlsm.get_batch(rows, cfg, 2, step, torch.device("cpu"))
         if step < 10:
-            ids, x, pos = mlsm.get_batch(rows, cfg, 2, step, torch.device("cpu"))
             mlm = F.cross_entropy(student.mlm_logits(student(x, pos=pos)), mlsm.at(ids, pos))
             torch.testing.assert_close(loss, mlm)
             assert "unsolved_codes" not in extras
         else:
             assert "unsolved_codes" in extras and extras["unsolved_codes"] == 0
-    per_step = cfg.batch_size * round(cfg.mask_rate * (cfg.seq_len - 2))  # 256 masked states a step
-    assert learned == [(10, 5 * per_step, True), (20, 5 * per_step, False), (30, 5 * per_step, False)]
+        if step % 10 >= 8 and step < 39:  # collected: the states of all B x T positions of its masked rows
+            assert len(loss_fn.states) == step % 10 - 7
+            with torch.no_grad():
+                torch.testing.assert_close(loss_fn.states[-1], student(x).flatten(0, 1), atol=0, rtol=0)
+    B_T = cfg.batch_size * cfg.seq_len
+    assert learned == [(10, 2 * B_T, True), (20, 2 * B_T, False), (30, 2 * B_T, False)]
 
 
-def test_self_targets_are_the_codes_of_the_students_own_states_and_carry_no_gradient():
-    """After its first dictionary, a step's targets are the codes of the student's own states at the
-    masked positions of that same forward pass, as constants: the loss and its gradients equal
-    F.kl_div against those codes computed apart and detached."""
-    cfg, rows, student, loss_fn = self_student(40, 0.25)
+def test_self_targets_are_the_codes_of_the_students_own_states_and_carry_no_gradient(monkeypatch):
+    """After its first dictionary, a step's targets are the codes of the student's own states at the masked
+    positions of its masked rows, read as a teacher's are (fp32, no dropout), as constants: the loss and its
+    gradients equal F.kl_div against those codes computed apart; under bf16 autocast the targets are the same."""
+    cfg, rows, student, loss_fn = self_student(40, 0.25, "--dropout", "0.1")
+    student.train()
     for step in range(10):
-        loss_fn(student, step)
-    loss = loss_fn(student, 10)[0]  # the first dictionary is learned here, before the forward pass
-    assert loss_fn.targets is not None
-    grads = torch.autograd.grad(loss, list(student.concept_head.parameters()) + [student.tok_emb.weight])
+        loss_fn(student, step, ALL)
+    torch.manual_seed(1)
+    loss = loss_fn(student, 10, ALL)[0]  # the first dictionary is learned here, before the forward pass
+    assert loss_fn.targets is not None and student.training
+    params = list(student.concept_head.parameters()) + [student.tok_emb.weight]
+    grads = torch.autograd.grad(loss, params)
     ids, x, pos = mlsm.get_batch(rows, cfg, 2, 10, torch.device("cpu"))
-    h = student(x, pos=pos)  # (M, C)
     with torch.no_grad():
-        A, solved = mlsm.SparseCoder(loss_fn.D, cfg.lam).encode(mlsm.normalise_states(h, loss_fn.mean))
+        H = student.eval()(x)  # (B, T, C): no dropout
+        A, solved = mlsm.SparseCoder(loss_fn.D, cfg.lam).encode(mlsm.normalise_states(mlsm.at(H, pos), loss_fn.mean))
     p = mlsm.code_distribution(A)[0] * solved[:, None]
+    torch.manual_seed(1)
+    h = student.train()(x, pos=pos)  # (M, C): the training forward, its dropout as in the step
     ref = F.kl_div(F.log_softmax(student.concept_logits(h), -1), p, reduction="batchmean")
     torch.testing.assert_close(loss, ref)
-    ref_grads = torch.autograd.grad(ref, list(student.concept_head.parameters()) + [student.tok_emb.weight])
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g, r)
     assert (A > 0).sum(1).float().mean() > 1
+    seen, real = [], loss_fn.targets.of_states
+    monkeypatch.setattr(loss_fn.targets, "of_states", lambda h: seen.append(real(h)[0]) or real(h))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(student, 10, ALL)
+    assert torch.equal(seen[0], p)
 
 
 def test_self_mode_resumes_to_the_uninterrupted_result(grammar_corpus, tmp_path, monkeypatch):
     """Interrupted after the checkpoint at step 50, while states for its next dictionary are being
     collected: the resumed run has the same numbers and weights as one never interrupted."""
-    args = ["--teacher", "self", "--no-baseline"]
+    args = ["--teacher", "self", "--no-baseline", "--self_every", "0.25"]  # dictionaries at steps 25, 50, 75
     whole = mlsm.main(tiny_args(grammar_corpus, tmp_path / "whole", *args))
     real, calls = mlsm.SelfConcepts.__call__, {"n": 0}
 
-    def interrupted(self, net, step):
+    def interrupted(self, net, step, part):
         if step == 55:
             raise KeyboardInterrupt
-        return real(self, net, step)
+        return real(self, net, step, part)
     monkeypatch.setattr(mlsm.SelfConcepts, "__call__", interrupted)
     with pytest.raises(SystemExit):
         mlsm.main(tiny_args(grammar_corpus, tmp_path / "cut", *args))
@@ -1081,10 +1152,12 @@ def test_dtype_follows_the_gpu(monkeypatch):
     assert mlsm.step_dtype("fp32", cuda) == torch.float32
 
 
-def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
-    """--dtype fp16 (run here on the CPU): the gradient scaler is part of the checkpoint, and a run
-    interrupted after it resumes to the weights of the uninterrupted one."""
-    cfg = mlsm.parse_config(["--preset", "tiny", "--dtype", "fp16", "--ckpt_every", "10"])
+@pytest.mark.parametrize("flags", [["--dtype", "fp16"], ["--micro_batch", "16"]])
+def test_interrupted_training_resumes_exactly(flags, tmp_path):
+    """--dtype fp16 (run here on the CPU): the gradient scaler is part of the checkpoint; --micro_batch 16: a
+    step's rows in four chunks. Interrupted after a checkpoint, the run resumes to the weights of the
+    uninterrupted one."""
+    cfg = mlsm.parse_config(["--preset", "tiny", "--ckpt_every", "10", *flags])
     rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (100, cfg.seq_len))
     device = torch.device("cpu")
 
@@ -1093,19 +1166,76 @@ def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch
         model = mlsm.build_encoder(cfg, 300)
         loss = mlsm.make_mlm_loss(model, rows, cfg, 1, device)
 
-        def loss_fn(net, step):
+        def loss_fn(net, step, part):
             if step == stop:
                 raise KeyboardInterrupt
-            return loss(net, step)
+            return loss(net, step, part)
         return mlsm.train_or_load("teacher", model, loss_fn, 20, cfg.lr, cfg, out, device)[0]
     whole = train(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "cut", stop=15)
     ck = torch.load(tmp_path / "cut" / "teacher.ckpt.pt")
-    assert ck["step"] == 10 and ck["scaler"]["scale"] > 1  # fp16: the loss is scaled up
+    assert ck["step"] == 10 and (ck["scaler"]["scale"] > 1 if cfg.dtype == "fp16" else ck["scaler"] == {})
     resumed = train(tmp_path / "cut")
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     assert not torch.equal(whole.tok_emb.weight, mlsm.build_encoder(cfg, 300).tok_emb.weight)  # it trained
+
+
+def test_a_run_resumes_under_another_dtype(grammar_corpus, tmp_path, monkeypatch, capsys):
+    """A run begun in bf16 and resumed where --dtype gives fp16 (a notebook that reconnects on another GPU):
+    the checkpoint's empty gradient-scaler state is skipped, and the run ends."""
+    args = tiny_args(grammar_corpus, tmp_path, "--teacher_steps", "30", "--student_steps", "10", "--head_steps", "10",
+                     "--no-baseline", "--ckpt_every", "10")
+    real, calls = mlsm.mlm_loss, {"n": 0}
+
+    def interrupted(*a):
+        calls["n"] += 1
+        if calls["n"] == 16:  # teacher step 15, after the checkpoint at step 10
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(mlsm, "mlm_loss", interrupted)
+    with pytest.raises(SystemExit):
+        mlsm.main(args + ["--dtype", "bf16"])
+    assert torch.load(tmp_path / "teacher.ckpt.pt")["scaler"] == {}
+    monkeypatch.setattr(mlsm, "mlm_loss", real)
+    capsys.readouterr()
+    results = mlsm.main(args + ["--dtype", "fp16"])
+    assert "teacher: resuming at step 10" in capsys.readouterr().out and results["models"]["MLSM student + head"]
+
+
+def test_micro_batches_give_the_step_of_the_whole_batch(tmp_path):
+    """--micro_batch 16: each step's 64 rows as four chunks of 16, their gradients summed, give the weights of
+    whole-batch steps (up to the order of float sums) and the same counters, for the teacher (MLM), the student
+    (MLSM) and the head."""
+    device = torch.device("cpu")
+    rows = np.random.default_rng(0).integers(mlsm.N_SPECIAL, 300, (200, 32))
+    trained = {}
+    for micro in ("0", "16"):
+        cfg = mlsm.parse_config(["--preset", "tiny", "--n_concepts", "16", "--micro_batch", micro])
+        torch.manual_seed(0)
+        teacher = mlsm.build_encoder(cfg, 300)
+        targets = mlsm.ConceptTargets(teacher.eval(), mlsm.SparseCoder(F.normalize(torch.randn(16, 64), dim=-1), cfg.lam),
+                                      torch.zeros(64), -1)
+        student = mlsm.build_encoder(cfg, 300, 16)
+        head = torch.nn.Linear(16, 300)
+        runs = [("teacher", teacher, mlsm.make_mlm_loss(teacher, rows, cfg, 1, device)),
+                ("student", student, mlsm.make_mlsm_loss(student, targets, rows, cfg, device)),
+                ("head", head, mlsm.make_head_loss(student, rows, cfg, device))]
+        trained[micro] = [(model, mlsm.train_loop(name, model, loss_fn, 4, cfg.lr, cfg, tmp_path / micro, device)[0])
+                          for name, model, loss_fn in runs]
+    for (whole, totals), (chunked, chunked_totals) in zip(trained["0"], trained["16"]):
+        assert totals == chunked_totals
+        for a, b in zip(whole.state_dict().values(), chunked.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(trained["0"][0][0].tok_emb.weight, mlsm.build_encoder(cfg, 300).tok_emb.weight)
+
+
+def test_out_of_gpu_memory_names_the_micro_batch_option(grammar_corpus, tmp_path, monkeypatch, capsys):
+    def out_of_memory(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(mlsm, "mlm_loss", out_of_memory)
+    err = run_error(tiny_args(grammar_corpus, tmp_path), capsys)
+    assert "teacher: out of GPU memory in a step of 64 rows" in err and "--micro_batch 16" in err
 
 
 def test_kill_9_during_training_loses_nothing(grammar_corpus, tmp_path):
@@ -1138,7 +1268,7 @@ def torchrun(args):
     """A run of mlsm.py under torchrun: 2 processes of one thread each."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(Path(mlsm.__file__)), *args]
-    return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -1162,11 +1292,15 @@ def kill_tree(pid):
             pass
 
 
+CHUNKS = ["--micro_batch", "16"]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(grammar_corpus, tmp_path_factory):
-    """The tiny pipeline on 2 processes, and the same run on one."""
+    """The tiny pipeline on 2 processes, each step's 32 rows a process in chunks of 16 (one gradient all-reduce a
+    step), and the same run on one process, in one pass."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    proc = torchrun(tiny_args(grammar_corpus, two))
+    proc = torchrun(tiny_args(grammar_corpus, two, *CHUNKS))
     single = mlsm.main(tiny_args(grammar_corpus, one))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -1228,7 +1362,7 @@ def test_resume_under_torchrun_gives_the_uninterrupted_result(two_process_run, g
     """kill -9 every process of a 2-process run during the student; the same command resumes from the
     last checkpoint and ends with exactly the numbers of the uninterrupted 2-process run."""
     _, _, _, uninterrupted, _ = two_process_run
-    args = tiny_args(grammar_corpus, tmp_path)
+    args = tiny_args(grammar_corpus, tmp_path, *CHUNKS)
     proc = torchrun(args)
     try:
         deadline = time.time() + 300
@@ -1250,6 +1384,26 @@ def test_a_failing_process_stops_the_whole_run(grammar_corpus, tmp_path):
     proc = torchrun(tiny_args(grammar_corpus, tmp_path, "--batch_size", "63"))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "--batch_size 63 must be divisible by the 2 processes" in err
+
+
+@pytest.mark.parametrize("version, device, needed", [("2.3.1", "cpu", "2.4"), ("2.9.1", "mps", "2.10")])
+def test_a_torch_too_old_for_the_device_is_told_what_to_install(version, device, needed, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    err = run_error(["--preset", "tiny", "--data", str(tmp_path), "--device", device], capsys)
+    assert f"needs torch {needed} or newer, and this is torch {version}: pip install --upgrade 'torch>={needed}'" in err
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.4.0"))
+    assert mlsm.pick_device("cpu") == torch.device("cpu")
+
+
+def test_only_copies_to_cuda_are_non_blocking(monkeypatch):
+    """A non-blocking copy returns before it has read its source: from pinned memory on CUDA; on MPS it may read
+    a tensor that is freed meanwhile, so there (and on the CPU) copies wait."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: calls.append((str(a[0]), k)) or t)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pinned") or t)
+    for device in ("cpu", "mps", "cuda"):
+        mlsm.to_device(torch.ones(2), torch.device(device))
+    assert calls == [("cpu", {}), ("mps", {}), "pinned", ("cuda", {"non_blocking": True})]
 
 
 def test_cpu_with_gpu_preset_is_told_the_estimate(capsys):
@@ -1503,7 +1657,8 @@ def concept_amis(out, cfg):
 
 def toy_args(data, out, *extra):
     """--preset toy on the fixture's copy of the toy language (the preset's own folder is data/toy)."""
-    return ["--preset", "toy", "--data", str(data), "--blimp", str(data / "pairs"), "--out", str(out), *extra]
+    return ["--preset", "toy", "--data", str(data), "--blimp", str(data / "pairs"), "--out", str(out), "--device", "cpu",
+            *extra]
 
 
 def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
@@ -1582,7 +1737,7 @@ def test_bench_smoke(grammar_corpus, tmp_path):
     targets' time taken out of the student's step -- and that the coder it timed agrees with
     scikit-learn (speed targets are read from bench.json, never asserted)."""
     argv = ["--bench", "--preset", "tiny", "--data", str(grammar_corpus), "--out", str(tmp_path), "--dict_tokens",
-            "2000", "--dtype", "bf16"]
+            "2000", "--dtype", "bf16", "--device", "cpu"]
     r = mlsm.main(argv)
     assert json.loads((tmp_path / "bench.json").read_text()) == r
     for key in ("matmul_GFLOPs", "teacher_tokens_per_s", "student_tokens_per_s", "targets_over_student_step",
@@ -1684,7 +1839,7 @@ def test_toy_preset_makes_its_language_where_it_is_missing(tmp_path, monkeypatch
     reports how well the concepts follow its word classes; the text is the one the tests use."""
     monkeypatch.chdir(tmp_path)
     r = mlsm.main(["--preset", "toy", "--teacher_steps", "20", "--student_steps", "20", "--head_steps", "5",
-                   "--no-baseline"])
+                   "--no-baseline", "--device", "cpu"])
     assert (tmp_path / "data/toy/toy.train").read_text() == mlsm.toy_text(20000, 0)
     assert len((tmp_path / "data/toy/pairs/agreement.jsonl").read_text().splitlines()) == 200
     assert set(r["word_class_ami"]) == {"codes", "student"} and "BLiMP" in r["models"]["teacher (MLM)"]
@@ -1724,7 +1879,7 @@ def test_cuda_training_steps_never_synchronise():
             torch.cuda.set_sync_debug_mode("error" if step else 0)
             try:
                 with torch.autocast("cuda", dtype=dtype):
-                    loss, extras = loss_fn(model, step)
+                    loss, extras = loss_fn(model, step, ALL)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 opt.step()
@@ -1756,7 +1911,7 @@ def test_cuda_nccl_sums_the_step_counters(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         for model, loss_fn in losses:
-            extras = loss_fn(model, 0)[1]
+            extras = loss_fn(model, 0, ALL)[1]
             summed = torch.stack(list(extras.values()))
             dist.all_reduce(summed)
             assert summed.tolist() == [int(v) for v in extras.values()]
@@ -1765,7 +1920,11 @@ def test_cuda_nccl_sums_the_step_counters(tmp_path):
 
 
 @CUDA
-def test_cuda_coder_matches_sklearn_with_tf32_allowed_or_not():
+@pytest.mark.parametrize("setting", PRECISIONS)
+def test_cuda_coder_matches_sklearn_whatever_the_user_allowed(setting, user_precision):
+    """The coder's first matmul on a GPU is where torch 2.9 and newer refuse a mix of the precision settings."""
+    if setting not in ("nothing", "allow_tf32", "high", "medium") and not PER_BACKEND:
+        pytest.skip("torch < 2.9 has no per-backend precision settings")
     X, D = anisotropic_problem(300, 512, 64, 5)
     ref = torch.from_numpy(sparse_encode(X.double().numpy(), D.double().numpy(), algorithm="lasso_cd",
                                          alpha=0.05, positive=True, max_iter=100000)).float()
@@ -1774,12 +1933,9 @@ def test_cuda_coder_matches_sklearn_with_tf32_allowed_or_not():
     A, solved = coder.encode(X.cuda())
     gap = (coder.objective(X.cuda(), A) - coder.objective(X.cuda(), ref.cuda())) / coder.objective(X.cuda(), ref.cuda())
     assert solved.all() and gap.max() < 1e-5
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        tf32 = coder.encode(X.cuda())
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    assert torch.equal(tf32[0], A) and torch.equal(tf32[1], solved)
+    PRECISIONS[setting]()
+    allowed = mlsm.SparseCoder(D.cuda(), 0.05).encode(X.cuda())
+    assert torch.equal(allowed[0], A) and torch.equal(allowed[1], solved)
 
 
 @CUDA
