@@ -93,9 +93,13 @@ class Config:
     dict_epochs: int = option(1, "passes of MiniBatchDictionaryLearning over those states")
     dict_jobs: int = option(-1, "processes coding each minibatch of dictionary learning (-1: every core)")
     coder: str = option("exact", "sparse coder: exact (active set; a code unfinished after --coder_rounds gives no "
-                        "target) or fista (the original's 100 FISTA steps, every code a target)", ["exact", "fista"])
+                        "target), fista (the original's 100 FISTA steps, every code a target) or reference "
+                        "(active_set_one, one state at a time: slow, for the toy preset)",
+                        ["exact", "fista", "reference"])
     coder_rounds: int = option(80, "rounds of the exact sparse coder, each adding at most one atom to a code")
     mlm_weight: float = option(0.0, "add mlm_weight * token cross-entropy to the MLSM loss (BabyLM 2023: 1.0)")
+    targets: str = option("concepts", "what the student predicts at masked positions: the teacher's concepts (MLSM) or "
+                          "its token distribution (tokens: plain distillation, the control)", ["concepts", "tokens"])
     # the original's second mode: no auxiliary model
     teacher: str = option("separate", "where the concepts come from: separate (a teacher trained with MLM first) "
                           "or self (the student's own states: the original's mode without an auxiliary model)",
@@ -160,8 +164,14 @@ class Config:
     dtype: str = option("auto", "autocast of training steps: auto (CUDA: bf16 where the GPU has it, else fp16 with "
                         "gradient scaling; fp32 elsewhere), bf16, fp16 or fp32", ["auto", "bf16", "fp16", "fp32"])
     bench: bool = option(False, "measure the speed of every stage instead of training -> bench.json in --out")
-    handout: str = option("", "write a student copy of mlsm.py into this folder, the exercises left to write")
-    exercises: str = option("", "--handout: comma-separated exercises to leave out ('': all)")
+    handout: str = option("", "write a student's folder: mlsm.py with the exercises left to write, their checks, "
+                          "the sheet EXERCISES.md")
+    exercises: str = option("", "--handout: comma-separated exercises to leave out, by number or name ('': all): "
+                            "1 normalise_states, 2 active_set_one, 3 fista, 4 code_distribution, 5 concept_kl, "
+                            "6 mask_tokens, 7 student_loss, 8 make_head (week 1); 9 SparseCoder, "
+                            "10 pseudo_log_likelihoods, 11 TokenTargets (week 2)")
+    grade: str = option("", "check students' copies (each a mlsm.py or a folder holding one; comma-separated, globs "
+                        "allowed) against every exercise: one row a student")
 
 # Presets change only numbers (sizes, steps, learning rates); any field can still be set on the command line.
 TINY = dict(vocab_size=512, seq_len=32, d_model=64, n_layers=2, n_heads=2, dropout=0.0, batch_size=64, lr=1e-3,
@@ -183,7 +193,8 @@ PRESETS = {
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "dtype", "micro_batch", "compile", "bench", "handout", "exercises", "log_every",
+RUN_ONLY = {"out", "fresh", "device", "dtype", "micro_batch", "compile", "bench", "handout", "exercises", "grade",
+            "log_every",
             "ckpt_every", "blimp", "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
 
 class UserError(Exception):
@@ -457,6 +468,7 @@ class SparseCoder:
                 both = in_S.unsqueeze(2) & in_S.unsqueeze(1)  # (n, s, s)
                 z = self.solve(torch.where(both, G_SS, torch.eye(s, device=dev)),
                                torch.where(in_S, b.gather(1, atom), 0))  # (n, s)
+                # BEGIN EXERCISE 9: the two moves, for every state at once
                 # drop: a moves towards z by t, the largest move that keeps every coefficient >= 0
                 bad = in_S & (z <= 0)  # (n, s)
                 ratio = torch.where(bad, a / (a - z), math.inf)
@@ -472,6 +484,7 @@ class SparseCoder:
                 best, new = w.max(1)  # (n,)
                 optimal_on_S = ~bad.any(1)
                 add = optimal_on_S & (best > self.tol) & ~in_S.all(1)
+                # END EXERCISE 9
                 i, free = torch.arange(len(atom), device=dev), (~in_S).to(torch.int8).argmax(1)  # first free slot
                 atom[i, free] = torch.where(add, new, atom[i, free])
                 in_S[i, free] |= add
@@ -514,8 +527,22 @@ def kkt_holds(X, A, D, lam, tol, G=None):
     w = X @ D.T - lam - A @ (D @ D.T if G is None else G)  # (N, K)
     return ((w <= tol) & ((A == 0) | (w >= -tol))).all(1)
 
+class ReferenceCoder:
+    """--coder reference: active_set_one for each state in turn, so that exercise 2's coder drives a whole run."""
+    exact, objective = True, SparseCoder.objective
+
+    def __init__(self, D, lam):
+        self.D, self.lam = D, lam
+
+    @torch.no_grad()
+    def encode(self, X):
+        A = torch.stack([active_set_one(x, self.D, self.lam) for x in X]) if len(X) else X.new_zeros(0, len(self.D))
+        return A, torch.ones(len(X), dtype=torch.bool, device=X.device)  # (N, K), (N,): every code solved
+
 def make_coder(D, cfg):
-    return FistaCoder(D, cfg.lam) if cfg.coder == "fista" else SparseCoder(D, cfg.lam, cfg.coder_rounds)
+    if cfg.coder == "exact":
+        return SparseCoder(D, cfg.lam, cfg.coder_rounds)
+    return FistaCoder(D, cfg.lam) if cfg.coder == "fista" else ReferenceCoder(D, cfg.lam)
 
 # --- 4. The concept distribution, and the targets of a batch ------------------------------------------------------
 def code_distribution(A):
@@ -562,6 +589,22 @@ class ConceptTargets:
         with torch.autocast(ids.device.type, enabled=False):
             h = self.source(ids, layer=self.layer, pos=pos)  # (M, C)
         return self.of_states(h)
+
+class TokenTargets:
+    """--targets tokens, the control: plain distillation (the original's trainer offers it too). targets(ids, pos)
+    -> (the teacher's token distribution at positions pos (B, m) of unmasked rows ids (B, T): (M, V), counters {}),
+    in place of its concepts; the student's concept head then predicts V "concepts", the tokens."""
+
+    def __init__(self, teacher):
+        self.source = teacher
+
+    @torch.no_grad()
+    def __call__(self, ids, pos):
+        # BEGIN EXERCISE 11: the teacher's token distribution
+        with torch.autocast(ids.device.type, enabled=False):  # fp32, as the concept targets
+            logits = self.source.mlm_logits(self.source(ids, pos=pos))  # (M, V): the teacher reads the unmasked rows
+        return F.softmax(logits.float(), dim=-1), {}
+        # END EXERCISE 11
 
 # --- 5. The losses ------------------------------------------------------------------------------------------------
 def concept_kl(logits, target):
@@ -701,8 +744,6 @@ def head_scorer(student, head):
 # === Training: one loop for the teacher, the student, the head, the baseline and fine-tuning ======================
 # AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
 # torchrun, atomic checkpoints, exact resume.
-# AdamW, warmup + linear decay, clipping, bf16 or fp16 autocast on a GPU (--dtype), data parallel under
-# torchrun, atomic checkpoints, exact resume.
 def make_optimizer(model, lr, steps, cfg, device):
     """AdamW over the trainable parameters, and its schedule: linear warmup over cfg.warmup of the steps,
     then linear decay to zero. -> (optimizer, scheduler)."""
@@ -772,30 +813,13 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
                                "seconds": paused - start, **curve()})
             start += time.time() - paused
 
-    def gradients(step):  # forward and backward passes over this process's rows -> (loss, counters)
-        loss, counters, chunks = 0.0, {}, micro_batches(cfg, world)
-        for i, (part, share) in enumerate(chunks):
-            with ddp.no_sync() if ddp and i < len(chunks) - 1 else contextlib.nullcontext():  # one all-reduce a step
-                with autocast:
-                    chunk_loss, chunk_counters = loss_fn(net, step, part)
-                scaler.scale(chunk_loss * share).backward()  # without fp16, scaler passes everything unchanged
-            loss = loss + chunk_loss.detach() * share
-            counters = {k: counters.get(k, 0) + v for k, v in chunk_counters.items()}
-        return loss, counters
-
     bar, recent = tqdm(range(ck["step"], steps), initial=ck["step"], total=steps, desc=name, disable=rank > 0), 0.0
     for step in bar:
         measure(step)
         model.train()
         torch.manual_seed(step_seed(cfg, DROPOUT, step) + rank)  # dropout too is a function of the step alone
         optimizer.zero_grad(set_to_none=True)
-        try:
-            loss, counters = gradients(step)
-        except torch.OutOfMemoryError:
-            rows = cfg.batch_size // world
-            raise UserError(f"{name}: out of GPU memory in a step of {rows} rows; run the same command with "
-                            f"--micro_batch {max(1, rows // 4)} (the same training, that many rows at a time): it "
-                            f"resumes from the last checkpoint") from None
+        loss, counters = gradients(name, net, ddp, loss_fn, step, cfg, world, autocast, scaler)
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         scaler.step(optimizer)  # skipped where fp16 gradients overflowed (and the scale is lowered)
@@ -815,6 +839,25 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
     sync(device)  # the time is the device's: it may still be running the last steps
     model.eval()
     return {k: float(v) for k, v in totals.items()}, time.time() - start, points
+
+def gradients(name, net, ddp, loss_fn, step, cfg, world, autocast, scaler):
+    """The forward and backward passes of a step over this process's rows, --micro_batch rows at a time, with one
+    all-reduce of the gradients under torchrun -> (loss, counters) of the step."""
+    loss, counters, chunks = 0.0, {}, micro_batches(cfg, world)
+    try:
+        for i, (part, share) in enumerate(chunks):
+            with ddp.no_sync() if ddp and i < len(chunks) - 1 else contextlib.nullcontext():  # one all-reduce a step
+                with autocast:
+                    chunk_loss, chunk_counters = loss_fn(net, step, part)
+                scaler.scale(chunk_loss * share).backward()  # without fp16, scaler passes everything unchanged
+            loss = loss + chunk_loss.detach() * share
+            counters = {k: counters.get(k, 0) + v for k, v in chunk_counters.items()}
+    except torch.OutOfMemoryError:
+        rows = cfg.batch_size // world
+        raise UserError(f"{name}: out of GPU memory in a step of {rows} rows; run the same command with "
+                        f"--micro_batch {max(1, rows // 4)} (the same training, that many rows at a time): it "
+                        f"resumes from the last checkpoint") from None
+    return loss, counters
 
 def micro_batches(cfg, world):
     """This process's rows of a step, in chunks of --micro_batch -> [(slice of the rows, its share of them)]."""
@@ -887,7 +930,8 @@ def learn_concepts(cfg, teacher, train_rows, dev_rows, out, device):
 def train_student(cfg, targets, rows, dev, vocab_size, out, device):
     """Stage 5: the student, trained with MLSM on the teacher's concepts (targets), or with --teacher self
     (targets None) on its own. -> (student, info, the concept targets its training ended with)."""
-    student = build_encoder(cfg, vocab_size, cfg.n_concepts).to(device)
+    K = vocab_size if cfg.targets == "tokens" else cfg.n_concepts  # --targets tokens: V "concepts", the tokens
+    student = build_encoder(cfg, vocab_size, K).to(device)
     print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
     if not cfg.mlm_weight and targets is not None:  # subtle: the token head gets no gradient; DDP must know
         for p in [*student.mlm_transform.parameters(), student.mlm_bias]:
@@ -896,8 +940,9 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
         loss_fn = SelfConcepts(student, rows, cfg, device)
         curve = loss_fn.curve(dev) if dev else None
     else:
-        loss_fn = make_mlsm_loss(student, targets, rows, cfg, device)
-        curve = student_curve(student, targets, dev) if dev else None
+        taught = TokenTargets(targets.source) if cfg.targets == "tokens" else targets
+        loss_fn = make_mlsm_loss(student, taught, rows, cfg, device)
+        curve = student_curve(student, taught, dev) if dev else None
     student, info = train_or_load("student", student, loss_fn, cfg.student_steps, cfg.lr, cfg, out, device, curve)
     if targets is None:  # from here on the student is its own teacher, with its last dictionary
         if loss_fn.targets is None:
@@ -914,7 +959,8 @@ def train_student(cfg, targets, rows, dev, vocab_size, out, device):
 def train_head(cfg, student, rows, vocab_size, out, device, dev=None):
     """Stage 6: only the linear token head on the frozen student's concept logits, trained with L_MLM."""
     freeze(student)
-    head = make_head(cfg, rows, vocab_size).to(device)
+    K = student.concept_head[-1].out_features
+    head = make_head(dataclasses.replace(cfg, n_concepts=K), rows, vocab_size).to(device)
     return train_or_load("head", head, make_head_loss(student, rows, cfg, device), cfg.head_steps, cfg.head_lr, cfg,
                          out, device, partial(dev.point, head_scorer(student, head)) if dev else None)
 
@@ -1105,6 +1151,7 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
         T = chunk[-1][0]  # the longest copy is last
         rows, at_i = np.array([j for _, j, _ in chunk]), np.array([i for _, _, i in chunk])  # (B,), (B,)
         ids, w = padded[rows, :T], word[rows, :T]  # (B, T) each
+        # BEGIN EXERCISE 10: hide the scored token (and, word_l2r, the rest of its word); its log-probability
         later = np.arange(T) >= at_i[:, None]  # (B, T): position i and those after it
         hide = later & (w == w[np.arange(len(chunk)), at_i][:, None]) if word_l2r else np.arange(T) == at_i[:, None]
         ids, hide = torch.from_numpy(ids).to(device), torch.from_numpy(hide).to(device)
@@ -1112,6 +1159,7 @@ def pseudo_log_likelihoods(token_logits, tok, sentences, cfg, device, word_l2r=T
         logits = token_logits(ids.masked_fill(hide, MASK), ids != PAD, pos).float()  # (B, V)
         logits[:, :N_SPECIAL] = -math.inf
         logp = F.log_softmax(logits, -1).gather(1, ids.gather(1, pos)).squeeze(1)  # (B,)
+        # END EXERCISE 10
         np.add.at(pll, rows, logp.cpu().double().numpy())
     return pll
 
@@ -1387,11 +1435,6 @@ def run(cfg):
         print(f"  {c['concept']:>5} ({c['share_of_tokens']:.1%} of tokens): "
               + " | ".join(e["context"] for e in c["examples"][:3]))
     models = score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, student, head, device)
-    for name, seconds in [("teacher (MLM)", teacher_info["seconds"]), ("MLM baseline", baseline_info.get("seconds")),
-                          ("MLSM student", student_info["seconds"]),
-                          ("MLSM student + head", student_info["seconds"] + head_info["seconds"])]:
-        if name in models:
-            models[name]["seconds"] = seconds
     dict_info = dict_info or student_info["dictionary"]
     times = {**load(out / "times.json"), "teacher": teacher_info["seconds"], "concepts": dict_info["seconds"],
              "student": student_info["seconds"], "head": head_info["seconds"]}
@@ -1438,7 +1481,12 @@ def fine_tune_all(encoders, models, cfg, tok, tasks, out, device):
         models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
 
 def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, student_info, head_info, baseline_info):
-    """Everything the report shows, as saved in results.json."""
+    """Everything the report shows, as saved in results.json; models gets each model's training seconds."""
+    for name, seconds in [("teacher (MLM)", teacher_info["seconds"]), ("MLM baseline", baseline_info.get("seconds")),
+                          ("MLSM student", student_info["seconds"]),
+                          ("MLSM student + head", student_info["seconds"] + head_info["seconds"])]:
+        if name in models:
+            models[name]["seconds"] = seconds
     st, student_tokens = student_info["totals"], cfg.student_steps * cfg.batch_size * cfg.seq_len
     return {"models": models, "dictionary": dict_info,
             "student_zero_codes": st.get("zero_codes", 0) / max(st.get("masked", 0), 1),
@@ -1607,8 +1655,7 @@ def find_corpus(path):
     return train, dev
 
 def read_text(path):
-    """One file -> its non-blank lines joined by newlines. Universal newlines turn CRLF into LF;
-    invalid UTF-8 bytes become U+FFFD instead of crashing."""
+    """One file -> its non-blank lines joined by newlines; CRLF becomes LF, invalid UTF-8 bytes U+FFFD."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return "\n".join(line.rstrip("\n") for line in f if line.strip())
@@ -1616,8 +1663,7 @@ def read_text(path):
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 def read_corpus(cfg):
-    """--data -> (train texts, dev texts), one per file. With --train_words, each train text is cut
-    to the same share of its length, at a space, so that together they hold about that many words."""
+    """--data -> (train texts, dev texts), one per file; --train_words cuts every train text to the same share."""
     train_files, dev_files = find_corpus(cfg.data)
     train = [read_text(p) for p in train_files]
     words = sum(len(t.split()) for t in train)
@@ -1627,8 +1673,7 @@ def read_corpus(cfg):
     return train, [read_text(p) for p in dev_files]
 
 def pack(ids, seq_len):
-    """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; the tail that does not fill
-    a row is dropped."""
+    """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; a tail too short for a row is dropped."""
     body = seq_len - 2
     n = len(ids) // body
     rows = np.asarray(ids[: n * body]).reshape(n, body)  # (N', T-2)
@@ -1637,8 +1682,7 @@ def pack(ids, seq_len):
     return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
 
 def encode_corpus(cfg, tok, train_texts, dev_texts):
-    """Texts -> (train rows, dev rows). Without dev texts, the last dev_fraction of each train
-    text's tokens is held out, which is deterministic and keeps every source in both splits."""
+    """Texts -> (train rows, dev rows); without dev texts, the last dev_fraction of each (every source in both)."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32  # halves the cache on disk
     train, dev = [], []
     for i, text in enumerate(tqdm(train_texts + dev_texts, desc="encode")):
@@ -1695,8 +1739,7 @@ def read_jsonl(path, parse, what):
     return items
 
 def load_pairs(path):
-    """A folder of BLiMP-style *.jsonl files (sentence_good, sentence_bad, optional UID) or one
-    file -> {paradigm: [(good, bad), ...]}; the paradigm is the UID, else the file name."""
+    """BLiMP-style *.jsonl files (a folder or one file) -> {paradigm (UID, else file name): [(good, bad)]}."""
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files or not files[0].exists():
@@ -1726,9 +1769,8 @@ def task_example(item):
     raise KeyError(f"none of the known field sets {[f for f, _ in TASK_FORMATS]}")
 
 def load_tasks(path, only=""):
-    """A folder with <task>.train.jsonl and <task>.valid.jsonl files in one of BabyLM's (Super)GLUE
-    formats (TASK_FORMATS), labels 0..n-1 -> {task: (train, valid)}, each a list of (s1, s2, label).
-    only: comma-separated tasks to read ('': all)."""
+    """<task>.train.jsonl / <task>.valid.jsonl in BabyLM's (Super)GLUE formats (TASK_FORMATS), of the tasks in
+    only ('': all) -> {task: (train, valid)}, each a list of (s1, s2, label 0..n-1)."""
     tasks, only = {}, [t for t in only.split(",") if t]
     for t in only:
         if not (Path(path) / f"{t}.train.jsonl").exists():
@@ -1747,8 +1789,7 @@ def load_tasks(path, only=""):
     return tasks
 
 def read_evaluation_data(cfg):
-    """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training, so that a bad file
-    stops the run before it has spent any time."""
+    """-> ({"BLiMP": pairs, "supplement": pairs}, tasks), read before training: a bad file stops the run early."""
     pair_sets = {}
     if cfg.blimp:
         pair_sets["BLiMP"] = {k: v[: cfg.blimp_pairs or None] for k, v in load_pairs(cfg.blimp).items()}
@@ -1862,9 +1903,8 @@ def download(dest, files, digest, option, algorithm="sha256"):
             os.replace(folder, dest)
 
 def fetch_missing(cfg):
-    """Check the user's own paths, then download the default corpus, BLiMP and (Super)GLUE tasks where
-    the options name them and they are missing. Own paths first: a typo is reported at once, not after
-    a download."""
+    """Check the user's own paths first (a typo is reported at once), then download the default corpus, BLiMP and
+    (Super)GLUE tasks where the options name them and they are missing."""
     tasks = cfg.tasks.split(",") if cfg.tasks else [n.split(".")[0] for n in GLUE_BLOBS]
     glue = {n: f"{GLUE_URL}/{n}" for n in GLUE_BLOBS
             if n.split(".")[0] in tasks and not (Path(cfg.finetune) / n).exists()}
@@ -1949,6 +1989,7 @@ def parse_config(argv=None):
         (cfg.seq_len < 3, f"--seq_len must be at least 3 ([CLS], a token, [SEP]), got {cfg.seq_len}"),
         (cfg.dict_jobs == 0 or cfg.dict_jobs < -1, f"--dict_jobs must be -1 or at least 1, got {cfg.dict_jobs}"),
         (cfg.d_model % max(cfg.n_heads, 1), f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}"),
+        (cfg.targets == "tokens" and cfg.teacher == "self", "--targets tokens needs a teacher (--teacher separate)"),
     ] if failed]
     if problems:
         raise UserError("; ".join(problems))
@@ -1972,9 +2013,8 @@ def pick_device(name):
     return device
 
 def join_processes(cfg):
-    """-> this process's device. Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK and the
-    rendezvous) it also joins the process group: NCCL between GPUs, gloo between CPU processes.
-    Only rank 0 prints; the others keep stderr, so that a failing rank says why."""
+    """-> this process's device; under torchrun also the process group (NCCL on GPUs, else gloo). Only rank 0
+    prints; the others keep stderr, so that a failing rank says why."""
     device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return device
@@ -2063,8 +2103,7 @@ TOY_OBJECTS = {"eat": ["food"], "like": ["food", "animal"], "use": ["tool"], "ho
 TOY_INTRANSITIVE = ["sleep", "run", "sing", "jump"]
 
 def toy_sentence(rng):
-    """A sentence of the toy language: an animal subject that agrees in number with its verb, and each verb
-    with objects of its kinds. -> list of words."""
+    """A sentence (list of words): an animal subject that agrees with its verb, the verb's kinds of object."""
     def noun_phrase(kind):
         plural = rng.random() < 0.5
         det = rng.choice(["some", "the", "two"] if plural else ["a", "the", "one"])
@@ -2110,29 +2149,322 @@ def write_toy_language(folder):
     (tmp / "pairs" / "agreement.jsonl").write_text(toy_pairs(200, 2))
     os.replace(tmp, folder)
 
-# --- The handout: python mlsm.py --handout DIR --------------------------------------------------------------------
+# --- The classroom: python mlsm.py --handout DIR, the exercises' checks, --grade ----------------------------------
 EXERCISE = re.compile(r"^( *)# BEGIN EXERCISE (\d+): (.*?)\n(.*?)(^ *# END EXERCISE \2\n)", re.M | re.S)
+EXERCISES = {1: "normalise_states", 2: "active_set_one", 3: "fista", 4: "code_distribution", 5: "concept_kl",
+             6: "mask_tokens", 7: "student_loss", 8: "make_head", 9: "SparseCoder", 10: "pseudo_log_likelihoods",
+             11: "TokenTargets"}
+# (exercise, week, points, the experiment on the toy preset, what to read in its output, the question to answer)
+SHEET = [
+    (1, 1, 5, "--no-center", "`dictionary:` non-zeros and error; the word-class AMIs",
+     "What does centring change on the toy language? Why would it matter more for a real teacher's states?"),
+    (2, 1, 15, "--coder reference (your coder codes every target), then --coder_rounds 4",
+     "the AMIs, student + head; with 4 rounds: the unsolved targets",
+     "How do the results of your coder compare with the batched one's? What do unfinished codes cost the student?"),
+    (3, 1, 10, "--coder fista", "the FISTA codes that fail the optimality test; the AMIs; student + head",
+     "Most FISTA codes are not optimal: does the student notice? When would it?"),
+    (4, 1, 5, "--lam 0.2", "`dictionary:` non-zeros; the AMIs",
+     "What does a sparser code keep, and what does it lose?"),
+    (5, 1, 10, "--student_steps 0", "the student's AMI; student + head", "What does the untrained student's row show?"),
+    (6, 1, 10, "--mask_rate 0.4", "teacher, MLM baseline and student + head in nats under unigram",
+     "Who gains from more masking per step, and who loses?"),
+    (7, 1, 5, "--mlm_weight 1", "student + head, the student's own token head, the baseline",
+     "What does the joint loss buy this student, and what does it cost its concepts?"),
+    (8, 1, 5, "write `return nn.Linear(cfg.n_concepts, vocab_size)` instead, and run again",
+     "the first points of the student + head learning curve", "Why does the head start where it does?"),
+    (9, 2, 25, "--coder_rounds 16, then 80", "the unsolved targets; the student's AMI",
+     "How many rounds do the toy's codes need, and why does a GPU run all of them?"),
+    (10, 2, 15, "--pll original", "the minimal pairs (agreement) of every model",
+     "When can a word's own pieces give it away, and does word_l2r change the toy's scores?"),
+    (11, 2, 15, "--targets tokens, beside the toy preset as it is",
+     "AMI, student + head, minimal pairs of both runs", "Is MLSM more than distillation of the teacher's tokens?"),
+]
+
+class ExerciseFailure(AssertionError):
+    """A check that failed, with what was expected and what came back (and a likely cause), no reference code."""
+
+def summary(t):
+    """A tensor in a few words: its shape and first values."""
+    values = [round(v, 4) for v in t.detach().double().flatten()[:4].tolist()]
+    return f"shape {tuple(t.shape)}, values {values}" + " ..." * (t.numel() > 4)
+
+def compare(what, returned, expected, atol=1e-5, rtol=1e-4, causes=()):
+    """Fail unless returned is close to expected; causes: [(test(returned), text)] of known mistakes."""
+    returned = torch.as_tensor(returned).detach()
+    expected = torch.as_tensor(expected).detach()
+    if returned.shape == expected.shape and torch.allclose(returned.double(), expected.double(), rtol, atol):
+        return
+    message = f"{what}: expected {summary(expected)}; returned {summary(returned)}"
+    if returned.shape == expected.shape:
+        diff = (returned.double() - expected.double()).abs().nan_to_num(math.inf)
+        where = [int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape)]
+        message += f"; largest difference {float(diff.max()):.3g} at {where}"
+    causes = [text for test, text in causes if returned.shape == expected.shape and test(returned.double())]
+    raise ExerciseFailure(message + "".join(f"\n  likely: {c}" for c in causes[:1]))
+
+def require(ok, message):
+    if not ok:
+        raise ExerciseFailure(message)
+
+def check_masking(m):
+    """Exercise 6 needs no reference: its properties are the check."""
+    ids = torch.arange(N_SPECIAL, N_SPECIAL + 30).repeat(8, 1)  # (8, 30)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    x, pos = m.mask_tokens(ids, 0.15, torch.Generator().manual_seed(0))
+    require(tuple(pos.shape) == (8, 4), f"positions: expected shape (8, 4) -- m = max(1, round(0.15 * 28)) = 4 a row; "
+                                        f"returned {tuple(pos.shape)}")
+    require(bool(((pos >= 1) & (pos <= 28)).all()), "positions must lie in 1..T-2: [CLS] and [SEP] are never masked")
+    require(all(len(set(r.tolist())) == 4 for r in pos), "the positions of a row must be distinct")
+    masked = torch.zeros_like(ids, dtype=torch.bool).scatter(1, pos, True)
+    require(bool((x[masked] == MASK).all() and (x[~masked] == ids[~masked]).all()),
+            "every selected token becomes [MASK], and every other stays as it was")
+    torch.manual_seed(1)
+    again = m.mask_tokens(ids, 0.15, torch.Generator().manual_seed(0))[1]
+    torch.manual_seed(2)
+    other = m.mask_tokens(ids, 0.15, torch.Generator().manual_seed(1))[1]
+    require(torch.equal(pos, again), "the same state of `gen` must give the same positions, whatever the global "
+                                     "random state: draw with `generator=gen`")
+    require(not torch.equal(pos, other), "another state of `gen` must give other positions")
+    gen, counts = torch.Generator().manual_seed(3), torch.zeros(30)
+    for _ in range(50):
+        counts += torch.bincount(m.mask_tokens(ids, 0.15, gen)[1].flatten(), minlength=30)
+    share = counts[1:-1] / counts.sum()  # each of the 28 positions: 1/28 expected, 1,600 draws
+    require(float((share - 1 / 28).abs().max()) < 0.02, f"positions must be drawn uniformly from 1..T-2: shares from "
+                                                          f"{float(share.min()):.3f} to {float(share.max()):.3f}")
+
+def exercise_cases(m):
+    """Every exercise check's inputs and the reference's outputs, computed with the full module m (this file)."""
+    g, cfg, V = torch.Generator().manual_seed(0), m.parse_config(["--preset", "tiny", "--n_concepts", "16"]), 300
+    common = torch.randn(16, generator=g)
+    D = F.normalize(torch.randn(40, 16, generator=g) + 1.5 * common, dim=-1)  # (K, C): anisotropic, like states
+    D = torch.cat([D, F.normalize(D[:8] + 0.003 * torch.randn(8, 16, generator=g), dim=-1)])  # near-duplicates
+    X = F.normalize(torch.randn(24, 16, generator=g) + 1.5 * common, dim=-1)
+    h, mean, A = torch.randn(6, 8, generator=g) + 2, torch.randn(8, generator=g), torch.rand(6, 9, generator=g)
+    A = A * (A > 0.6)
+    A[2] = 0  # a row without a distribution
+    logits = 3 * torch.randn(6, 9, generator=g)
+    rows = torch.randint(N_SPECIAL, V, (100, cfg.seq_len), generator=g).numpy()
+    rows[:, 0], rows[:, -1] = CLS, SEP
+    torch.manual_seed(0)
+    model = m.build_encoder(cfg, V, 16)
+    ids, x, pos = m.get_batch(rows, cfg, m.STUDENT_BATCHES, 0, torch.device("cpu"))
+    with torch.no_grad():
+        hs, p = model(x, pos=pos), m.code_distribution(torch.rand(len(pos.flatten()), 16, generator=g))[0]
+        tok = m.Tokenizer.train(["the dog runs", "the dogs run", "a cat sleeps"] * 20, 300)
+        sentences = ["the dogs run", "a cat sleeps", "the cat runs away"]
+        pll = {flag: m.pseudo_log_likelihoods(m.mlm_scorer(model.eval()), tok, sentences, cfg, "cpu", flag)
+               for flag in (True, False)}
+        return {1: dict(h=h, mean=mean, out=m.normalise_states(h, mean)),
+                2: dict(X=X.double()[:12], D=D.double(), out=torch.stack([m.active_set_one(v, D.double(), 0.05)
+                                                                          for v in X.double()[:12]])),
+                3: dict(X=X, D=D, out=m.fista(X, D, 0.05)),
+                4: dict(A=A, out=m.code_distribution(A)),
+                5: dict(logits=logits, p=m.code_distribution(A)[0],
+                        out=m.concept_kl(logits, m.code_distribution(A)[0])),
+                7: dict(state=model.state_dict(), ids=ids, pos=pos, h=hs, p=p,
+                        kl=m.concept_kl(model.concept_logits(hs), p),
+                        out={w: m.student_loss(model, hs, p, ids, pos, dataclasses.replace(cfg, mlm_weight=w))
+                             for w in (0.0, 0.5)}),
+                8: dict(rows=rows, out=m.make_head(cfg, rows, V).state_dict()),
+                9: dict(X=X, D=D, out=m.SparseCoder(D, 0.05).encode(X)),
+                10: dict(state=model.state_dict(), merges=tok.merges, sentences=sentences, out=pll),
+                11: dict(state=model.state_dict(), ids=ids, pos=pos, out=m.TokenTargets(model)(ids, pos)[0],
+                         masked=m.TokenTargets(model)(x, pos)[0])}
+
+def check_exercise(n, m, cases):
+    """Exercise n of module m (a student's mlsm.py) against the reference's outputs -> None, or ExerciseFailure."""
+    try:
+        if n == 6:
+            check_masking(m)
+        elif n in (7, 8, 10, 11):
+            check_model_exercise(n, m, cases[n], m.parse_config(["--preset", "tiny", "--n_concepts", "16"]))
+        else:
+            check_tensor_exercise(n, m, cases[n])
+    except NotImplementedError:
+        raise ExerciseFailure(f"exercise {n} ({EXERCISES[n]}) is not written yet") from None
+
+def check_tensor_exercise(n, m, c):
+    """The exercises that map tensors to tensors: 1-5 and 9."""
+    if n == 1:
+        compare("normalised states", m.normalise_states(c["h"], c["mean"]), c["out"], causes=[
+            (lambda r: not torch.allclose(r.norm(dim=-1), torch.ones(len(r), dtype=r.dtype)), "rows of unit norm"),
+            (lambda r: torch.allclose(r, F.normalize(c["h"].double(), dim=-1)), "subtract the mean first")])
+    elif n == 2:
+        A = torch.stack([m.active_set_one(v, c["D"], 0.05) for v in c["X"]])
+        w = c["X"] @ c["D"].T - 0.05 - A @ (c["D"] @ c["D"].T)  # the negative gradient at the codes
+        require(bool((A >= 0).all()), "codes must be >= 0")
+        require(not torch.allclose(w[A > 0], torch.full_like(w[A > 0], -0.1), atol=1e-6), "the negative gradient "
+                "on the support is -2 lam, not 0\n  likely: the sign of lam (b = x D^T - lam)")
+        require(float(w.max()) < 1e-6, f"not optimal: an atom outside S would still lower the objective "
+                                       f"(largest w = {float(w.max()):.2e})")
+        compare("codes", A, c["out"], causes=[(lambda r: True, "on S the gradient is 0: solve G_SS z = b_S")])
+    elif n == 3:
+        compare("codes after FISTA's 100 steps", m.fista(c["X"], c["D"], 0.05), c["out"], atol=1e-4, causes=[
+            (lambda r: bool((r < 0).any()), "project onto a >= 0 after each gradient step")])
+    elif n == 4:
+        p, valid = m.code_distribution(c["A"])
+        compare("distributions", p, c["out"][0], causes=[
+            (lambda r: bool(r.isnan().any()), "an all-zero code has no distribution: keep its row zero")])
+        compare("valid", valid, c["out"][1])
+    elif n == 5:
+        M, with_target = len(c["p"]), int((c["p"].sum(-1) > 0).sum())
+        compare("the KL loss", m.concept_kl(c["logits"], c["p"]), c["out"], causes=[
+            (lambda r: r.isnan(), "0 log 0 is 0: a concept a target does not use adds nothing"),
+            (lambda r: torch.isclose(r * c["p"].shape[1], c["out"].double()), "average over the M positions only, "
+                                                                            "not over the concepts too"),
+            (lambda r: torch.isclose(r * with_target / M, c["out"].double()), "a position without a target adds 0 "
+                                                                             "but still counts in M")])
+    elif n == 9:
+        A, solved = m.SparseCoder(c["D"], 0.05).encode(c["X"])
+        require(bool((A >= 0).all()), "codes must be >= 0: the drop move stops where a coefficient reaches 0")
+        compare("which codes are solved", solved, c["out"][1])
+        compare("codes", A, c["out"][0], atol=1e-4)
+
+def check_model_exercise(n, m, c, cfg):
+    """The exercises that need a model or a tokenizer: 7, 8, 10 and 11."""
+    if n == 7:
+        model = m.build_encoder(cfg, 300, 16)
+        model.load_state_dict(c["state"])
+        real, m.concept_kl = m.concept_kl, lambda logits, p: c["kl"]  # exercise 7 needs no exercise 5
+        try:
+            for w, expected in c["out"].items():
+                compare(f"the student's loss with --mlm_weight {w}", m.student_loss(
+                    model, c["h"], c["p"], c["ids"], c["pos"], dataclasses.replace(cfg, mlm_weight=w)), expected,
+                    causes=[(lambda r: torch.isclose(r, c["kl"].double()), "add mlm_weight times L_MLM")])
+        finally:
+            m.concept_kl = real
+    elif n == 8:
+        head = m.make_head(cfg, c["rows"], 300)
+        compare("the head's weights", head.weight, c["out"]["weight"], causes=[(lambda r: True, "W = 0")])
+        compare("the head's bias", head.bias, c["out"]["bias"], causes=[
+            (lambda r: bool(r.isinf().any()), "add one to every count (a token never seen)"),
+            (lambda r: bool((r > 0).all()), "the log of the frequencies")])
+    elif n == 10:
+        model, tok = m.build_encoder(cfg, 300, 16).eval(), m.Tokenizer(c["merges"])
+        model.load_state_dict(c["state"])
+        for flag, expected in c["out"].items():
+            compare(f"pseudo-log-likelihoods ({'word_l2r' if flag else 'original'})", m.pseudo_log_likelihoods(
+                m.mlm_scorer(model), tok, c["sentences"], cfg, "cpu", flag), expected, atol=1e-4)
+    elif n == 11:
+        model = m.build_encoder(cfg, 300, 16).eval()
+        model.load_state_dict(c["state"])
+        compare("the teacher's token distributions", m.TokenTargets(model)(c["ids"], c["pos"])[0], c["out"],
+                causes=[(lambda r: torch.allclose(r, c["masked"].double(), atol=1e-5),
+                         "the teacher reads the unmasked rows"),
+                        (lambda r: not torch.allclose(r.sum(-1), torch.ones(len(r), dtype=r.dtype)),
+                         "a distribution: softmax of the token logits")])
+
+def exercise_numbers(items):
+    """--exercises '2,concept_kl' -> {2, 5}; '' -> every exercise."""
+    names = {name: n for n, name in EXERCISES.items()}
+    chosen = set()
+    for item in filter(None, (i.strip() for i in items.split(","))):
+        if item not in names and not (item.isdigit() and int(item) in EXERCISES):
+            listed = ", ".join(f"{n} {name}" for n, name in EXERCISES.items())
+            raise UserError(f"--exercises {item}: the exercises are {listed}")
+        chosen.add(names.get(item) or int(item))
+    return chosen or set(EXERCISES)
 
 def write_handout(folder, exercises=""):
-    """A student copy of this file, folder/mlsm.py: the body of each exercise (of those named in exercises, e.g.
-    "2,5"; '': all) replaced by its comments and raise NotImplementedError; signatures and docstrings stay."""
-    src = Path(__file__).read_text()
-    found = {int(m.group(2)) for m in EXERCISE.finditer(src)}
-    chosen = {int(n) for n in exercises.split(",") if n.strip()} or found
-    if not chosen <= found:
-        raise UserError(f"--exercises {exercises}: this file has exercises {', '.join(map(str, sorted(found)))}")
+    """A student's folder: mlsm.py with the chosen exercises' bodies replaced by their comments and raise
+    NotImplementedError (signatures and docstrings stay), the checks (test_exercises.py, expected.pt: the
+    reference's outputs, not its code), pytest.ini, and the sheet, EXERCISES.md -- no answers."""
+    src, chosen, folder = Path(__file__).read_text(), exercise_numbers(exercises), Path(folder)
 
-    def blank(m):
-        indent, n, title, body, end = m.groups()
+    def blank(match):
+        indent, n, title, body, end = match.groups()
         if int(n) not in chosen:
-            return m.group(0)
+            return match.group(0)
         hints = [c.group(1) for c in map(re.compile(r"(?:^ *|  )# (.*)$").search, body.splitlines()) if c]
         return "".join(f"{indent}# {line}\n" for line in [f"BEGIN EXERCISE {n}: {title}", *hints]) + \
             f'{indent}raise NotImplementedError("exercise {n}: {title}")\n{end}'
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / "mlsm.py").write_text(EXERCISE.sub(blank, src))
-    print(f"wrote {Path(folder) / 'mlsm.py'} with exercises {', '.join(map(str, sorted(chosen)))} to write; check one "
-          f"with: MLSM_FILE={Path(folder) / 'mlsm.py'} python -m pytest test_mlsm.py -k exercise{min(chosen)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mlsm.py").write_text(EXERCISE.sub(blank, src))
+    torch.save(exercise_cases(sys.modules[__name__]), folder / "expected.pt")
+    (folder / "pytest.ini").write_text("[pytest]\naddopts = -q --tb=short -p no:cacheprovider\n")
+    (folder / "test_exercises.py").write_text(
+        '"""The exercises\' checks: python -m pytest -k exercise5 checks exercise 5; python -m pytest, all."""\n'
+        "from pathlib import Path\n\nimport pytest\nimport torch\n\nimport mlsm\n\n"
+        'CASES = torch.load(Path(__file__).parent / "expected.pt", weights_only=False)\n\n\n'
+        f"@pytest.mark.parametrize(\"n\", {sorted(chosen)}, ids=lambda n: f\"exercise{{n}}\")\n"
+        "def test_exercise(n):\n    mlsm.check_exercise(n, mlsm, CASES)\n")
+    rows = [f"| {n} | {w} | {pts} | `{EXERCISES[n]}` | `python mlsm.py --preset toy {run}` | {read} | {question} |"
+            for n, w, pts, run, read, question in SHEET if n in chosen]
+    (folder / "EXERCISES.md").write_text(SHEET_TEXT.format(table="\n".join(rows), first=min(chosen)))
+    print(f"wrote {folder}: mlsm.py with exercises {', '.join(map(str, sorted(chosen)))} to write, their checks "
+          f"(cd {folder} && python -m pytest -k exercise{min(chosen)}) and the sheet, EXERCISES.md")
+
+SHEET_TEXT = """# Exercises: Masked Latent Semantic Modeling
+
+`mlsm.py` is the whole pipeline with the body of each exercise below left to write: its signature, docstring
+and comments stay, and `raise NotImplementedError` marks what is missing. Read the docstring and the comments
+of the section around it (the file reads top to bottom), write the body, then check it:
+
+```bash
+python -m pytest -k exercise{first}   # one exercise's check, a few seconds
+python -m pytest                 # all of them
+```
+
+A check compares what your code returns with the reference's outputs for the same inputs (`expected.pt`) and
+says what it expected, what came back and, for a common mistake, what it probably is. Each exercise's check
+needs no other exercise; the pipeline runs once all of them are written.
+
+Then run the experiment of the exercise and answer its question in a few sentences, with the numbers you saw.
+Each run takes about 40 seconds on 2 CPU cores (longer on a shared machine; `--coder reference` and `--targets
+tokens` a few minutes); `--seed 1` and `--seed 2` show how much a number moves. Every run saves its work in
+`runs/toy` (`--out` to change it): a run with other options needs another `--out` (`--fresh` deletes the old
+one). To rerun only the student after changing its code, copy the folder of a finished run and delete
+`student.pt`, `head.pt`, `baseline.pt` and `results.json` in the copy: its teacher and dictionary are reused.
+
+Hand in your `mlsm.py` and your answers. Week 1: exercises 1-8; week 2: 9-11 (harder: the batched coder's two
+moves, the scores of minimal pairs, and a control experiment).
+
+| # | week | points | write | then run | read | answer |
+|---|---|---|---|---|---|---|
+{table}
+"""
+
+def grade(paths):
+    """--grade: every student copy (a mlsm.py or a folder holding one; comma-separated, globs allowed) through
+    every exercise's check -> a table, one row a student, one column an exercise, and the total."""
+    import glob
+    import importlib.util
+    import signal
+
+    cases, copies = exercise_cases(sys.modules[__name__]), sorted({Path(p) for item in paths.split(",")
+                                                                   for p in glob.glob(item.strip())})
+
+    def too_long(*_):
+        raise TimeoutError
+    if hasattr(signal, "SIGALRM"):  # a check that runs for a minute has failed (an endless loop)
+        signal.signal(signal.SIGALRM, too_long)
+    if not copies:
+        raise UserError(f"--grade {paths}: no such files or folders")
+    points = {n: pts for n, _, pts, *_ in SHEET}
+    print(f"{'student':<40}" + "".join(f"{n:>6}" for n in EXERCISES) + f"{'points':>10}")
+    for i, path in enumerate(copies):
+        file, passed = path / "mlsm.py" if path.is_dir() else path, {}
+        try:
+            spec = importlib.util.spec_from_file_location(f"student{i}", file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as e:  # a copy that does not even import fails every check
+            print(f"{str(path)[-40:]:<40}  does not import ({type(e).__name__}: {e})"[:120])
+            continue
+        for n in EXERCISES:
+            if hasattr(signal, "SIGALRM"):
+                signal.alarm(60)
+            try:
+                check_exercise(n, module, cases)
+                passed[n] = True
+            except Exception:
+                passed[n] = False
+            finally:
+                if hasattr(signal, "SIGALRM"):
+                    signal.alarm(0)
+        total = sum(points[n] for n, ok in passed.items() if ok)
+        print(f"{str(path)[-40:]:<40}" + "".join(f"{'pass' if passed[n] else 'fail':>6}" for n in EXERCISES)
+              + f"{total:>6}/{sum(points.values())}")
 
 # --- Benchmark: python mlsm.py --bench measures every stage at the preset's sizes -> bench.json -------------------
 def wall(fn, device, repeat=1):
@@ -2166,8 +2498,7 @@ def step_flops(model, cfg, masked):
     return 3 * (2 * blocks + 4 * cfg.seq_len * cfg.d_model * cfg.n_layers * tokens + 2 * head * masked)
 
 def bench(cfg):
-    """Speeds of every stage, in one run on this machine, at the sizes of cfg's preset. With the teacher and
-    dictionary of a finished run in --out, the coder's problems are the real ones."""
+    """Speeds of every stage at cfg's sizes; with a finished run's teacher and dictionary in --out, the real ones."""
     import resource
 
     device, out = pick_device(cfg.device), Path(cfg.out)
@@ -2220,8 +2551,7 @@ def bench(cfg):
     return r
 
 def bench_dictionary(r, cfg, teacher, rows, out, real, device):
-    """Dictionary learning timed on the teacher's states; -> the ConceptTargets of the run's own dictionary,
-    when there is one."""
+    """Dictionary learning timed on the teacher's states -> ConceptTargets (the run's own dictionary, if any)."""
     H = teacher_states(teacher, rows, cfg, cfg.dict_tokens, device, cfg.seed)[0]
     (D, mean), r["dictionary_fit_s"] = timed(lambda: learn_dictionary(H, cfg))
     r["dictionary_states"] = len(H)
@@ -2256,8 +2586,7 @@ def bench_text(r, cfg, teacher, tok, device):
         r["blimp_pairs_per_s"] = sum(len(v) for v in pairs.values()) / seconds
 
 def bench_coder(r, cfg, targets, dev_rows, device):
-    """The sparse coder against scikit-learn on the same 2,000 held-out states and dictionary, and how many
-    rounds these states need (the share of codes solved within n rounds)."""
+    """The coder against scikit-learn on 2,000 held-out states, and the share of codes solved within n rounds."""
     from sklearn.decomposition import sparse_encode
     from sklearn.exceptions import ConvergenceWarning
 
@@ -2281,6 +2610,8 @@ def main(argv=None):
         cfg = parse_config(argv)
         if cfg.handout:
             return write_handout(cfg.handout, cfg.exercises)
+        if cfg.grade:
+            return grade(cfg.grade)
         return bench(cfg) if cfg.bench else run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

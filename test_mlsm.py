@@ -4,9 +4,8 @@ Every hand-written piece is checked against an independent reference: a naive BP
 attention and loss functions, scikit-learn's sparse coder. The end-to-end test trains the whole
 pipeline on the toy language, whose word classes are known.
 
-The tests of exercise n are named test_exercise<n>_...: `-k exercise3` selects them. They check the file
-that MLSM_FILE names (default: the mlsm.py beside this file), so that a student checks a handout with
-    MLSM_FILE=handout/mlsm.py python -m pytest test_mlsm.py -k exercise3"""
+The tests named test_exercise<n>_... check the reference body of exercise n against an independent reference;
+what a student runs are the checks `--handout` writes into their folder (tested in "The classroom")."""
 
 import ast
 import hashlib
@@ -34,8 +33,7 @@ import torch.nn.functional as F
 from sklearn.decomposition import sparse_encode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-MLSM_FILE = Path(os.environ.get("MLSM_FILE", Path(__file__).resolve().parent / "mlsm.py")).resolve()
-_spec = importlib.util.spec_from_file_location("mlsm", MLSM_FILE)
+_spec = importlib.util.spec_from_file_location("mlsm", Path(__file__).resolve().parent / "mlsm.py")
 mlsm = importlib.util.module_from_spec(_spec)
 sys.modules["mlsm"] = mlsm
 _spec.loader.exec_module(mlsm)
@@ -240,7 +238,8 @@ def test_download_failures_leave_nothing_behind(server, tmp_path, path, md5, mes
 
 def listing_sha256(files):
     """What `sha256sum NAME... | sha256sum` prints for these {name: bytes}, in this order."""
-    return hashlib.sha256("".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items()).encode()).hexdigest()
+    listing = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items())
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def blimp_files(base):
@@ -1030,7 +1029,8 @@ def test_self_mode_trains_mlm_first_then_relearns_its_dictionary_at_the_interval
     cfg, rows, student, loss_fn = self_student(40, 0.25, "--dict_tokens", "4000")
     learned, real, now = [], mlsm.learn_dictionary, {}
     monkeypatch.setattr(mlsm, "learn_dictionary",
-                        lambda X, cfg, init=None: learned.append((now["step"], len(X), init is None)) or real(X, cfg, init))
+                        lambda X, cfg, init=None: learned.append((now["step"], len(X), init is None))
+                        or real(X, cfg, init))
     for step in range(40):
         now["step"] = step
         loss, extras = loss_fn(student, step, ALL)
@@ -1319,7 +1319,8 @@ def test_two_processes_give_the_numbers_of_one(two_process_run):
         for a, b in zip(multi["curves"][name], points):
             assert a.get("dev_loss", a.get("dev_kl")) == pytest.approx(b.get("dev_loss", b.get("dev_kl")), rel=1e-4)
     d, e = multi["dictionary"], single["dictionary"]
-    assert d["rel_error"] == pytest.approx(e["rel_error"], rel=2e-4) and d["nonzeros"] == pytest.approx(e["nonzeros"], abs=0.01)
+    assert d["rel_error"] == pytest.approx(e["rel_error"], rel=2e-4)
+    assert d["nonzeros"] == pytest.approx(e["nonzeros"], abs=0.01)
     assert stdout.count("data: ") == 1  # one process prints
 
 
@@ -1491,7 +1492,8 @@ def test_tie_counts_as_wrong(tok):
 
 
 def test_malformed_pairs_file(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"sentence_good": "a", "sentence_bad": "b", "UID": "x"}\n{"sentence_good": "c"}\n')
+    (tmp_path / "a.jsonl").write_text('{"sentence_good": "a", "sentence_bad": "b", "UID": "x"}\n'
+                                      '{"sentence_good": "c"}\n')
     with pytest.raises(mlsm.UserError, match="a.jsonl:2"):
         mlsm.load_pairs(tmp_path)
     with pytest.raises(mlsm.UserError, match="no \\*.jsonl"):
@@ -1620,8 +1622,8 @@ def test_malformed_task_files(tmp_path):
 
 def toy_args(data, out, *extra):
     """--preset toy on the fixture's copy of the toy language (the preset's own folder is data/toy)."""
-    return ["--preset", "toy", "--data", str(data), "--blimp", str(data / "pairs"), "--out", str(out), "--device", "cpu",
-            *extra]
+    return ["--preset", "toy", "--data", str(data), "--blimp", str(data / "pairs"), "--out", str(out),
+            "--device", "cpu", *extra]
 
 
 def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
@@ -1634,7 +1636,8 @@ def test_unsolved_targets_are_reported_when_many(tiny_run, capsys):
     assert "warning" not in capsys.readouterr().out
     mlsm.report({**results, "student_unsolved_codes": 0.2 * results["tokens_seen"]["MLSM student"]})
     rounds = mlsm.Config.coder_rounds
-    assert f"warning: 20.0% of the student's targets had no exact code within --coder_rounds {rounds}" in capsys.readouterr().out
+    warning = f"warning: 20.0% of the student's targets had no exact code within --coder_rounds {rounds}"
+    assert warning in capsys.readouterr().out
 
 
 def test_learning_curves(tiny_run):
@@ -1652,7 +1655,8 @@ def test_learning_curves(tiny_run):
         assert all(a["seconds"] <= b["seconds"] for a, b in zip(points, points[1:])) and all(key in p for p in points)
     m = results["models"]
     assert curves["teacher"][-1]["dev_loss"] == pytest.approx(m["teacher (MLM)"]["dev_loss"], abs=1e-5)
-    assert curves["MLSM student + head"][-1]["dev_loss"] == pytest.approx(m["MLSM student + head"]["dev_loss"], abs=1e-5)
+    last = curves["MLSM student + head"][-1]["dev_loss"]
+    assert last == pytest.approx(m["MLSM student + head"]["dev_loss"], abs=1e-5)
     assert curves["MLSM student + head"][0]["dev_loss"] == pytest.approx(m["unigram"]["dev_loss"], abs=1e-4)
     assert curves["teacher"][-1]["dev_loss"] < curves["teacher"][0]["dev_loss"] - 1
     assert curves["MLSM student"][-1]["dev_kl"] < curves["MLSM student"][0]["dev_kl"] - 0.5
@@ -1741,59 +1745,166 @@ def test_real_data_smoke(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The classroom: the handout, and the toy preset
+# The classroom: the handout folder, its checks, grading
 # ---------------------------------------------------------------------------------------------
 
 
-def exercise_outcomes(module_file, tmp_path):
-    """Run this file's exercise tests on module_file -> {exercise n: [outcome of each of its tests]}: "passed",
-    or the failure's message (e.g. "NotImplementedError: exercise 5: the KL loss")."""
-    import xml.etree.ElementTree as ET
-    report = tmp_path / f"junit_{abs(hash(str(module_file)))}.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "exercise",
-                    f"--junitxml={report}", str(Path(__file__).resolve())], env={**os.environ, "MLSM_FILE": str(module_file)},
-                   capture_output=True, timeout=600, cwd=tmp_path)
-    outcomes = {}
-    for case in ET.parse(report).iter("testcase"):
-        n = int(case.get("name").split("_")[1].removeprefix("exercise"))
-        failed = case.find("failure")
-        outcomes.setdefault(n, []).append("passed" if failed is None else failed.get("message"))
-    return outcomes
+def student_pytest(folder, *args):
+    """python -m pytest in a student's folder -> (exit status, output, {exercise: passed})."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-rA", *args], cwd=folder, capture_output=True, text=True,
+                       timeout=900)
+    outcomes = {int(n): word == "PASSED" for word, n in re.findall(r"^(PASSED|FAILED) test_exercises.py::test_exercise"
+                                                                    r"\[exercise(\d+)\]", r.stdout, re.M)}
+    return r.returncode, r.stdout, outcomes
 
 
-def test_handout_blanks_exactly_what_students_write(tmp_path, capsys):
-    """--handout writes a copy of mlsm.py whose exercise bodies raise NotImplementedError, with every
-    signature, docstring and the rest of the file unchanged; on it each exercise's tests fail with that
-    exercise's NotImplementedError, and on mlsm.py they pass. With --exercises 2,5 only those two are blank."""
-    import ast
-    mlsm.main(["--handout", str(tmp_path / "all")])
-    mlsm.main(["--handout", str(tmp_path / "some"), "--exercises", "2,5"])
-    assert "MLSM_FILE=" in capsys.readouterr().out
-    reference = MLSM_FILE.read_text()
-    n_exercises = len(mlsm.EXERCISE.findall(reference))
-    assert 6 <= n_exercises <= 8
-    for folder in ("all", "some"):
-        handout = (tmp_path / folder / "mlsm.py").read_text()
-        defs = [{(n.name, ast.unparse(n.args), ast.get_docstring(n)) for n in ast.walk(ast.parse(src))
-                 if isinstance(n, ast.FunctionDef)} for src in (reference, handout)]
-        assert defs[0] == defs[1]
-        outside = [re.sub(mlsm.EXERCISE.pattern, "", src, flags=re.M | re.S) for src in (reference, handout)]
-        assert outside[0] == outside[1]  # nothing changed outside the exercises
-    assert len(re.findall(r'raise NotImplementedError\("exercise \d', (tmp_path / "all" / "mlsm.py").read_text())) == \
-        n_exercises
-    on_reference = exercise_outcomes(MLSM_FILE, tmp_path)
-    assert sorted(on_reference) == list(range(1, n_exercises + 1))
-    assert all(o == "passed" for tests in on_reference.values() for o in tests), on_reference
-    for folder, blank in (("all", set(on_reference)), ("some", {2, 5})):
-        outcomes = exercise_outcomes(tmp_path / folder / "mlsm.py", tmp_path)
-        assert outcomes.keys() == on_reference.keys() and all(len(outcomes[n]) == len(on_reference[n]) for n in outcomes)
-        for n, tests in outcomes.items():
-            want = f"NotImplementedError: exercise {n}:" if n in blank else "passed"
-            assert all(o.startswith(want) for o in tests), (folder, n, tests)
+@pytest.fixture(scope="module")
+def handout(tmp_path_factory):
+    """A student's folder, copied away from the repository: only what --handout wrote."""
+    made = tmp_path_factory.mktemp("made") / "handout"
+    mlsm.main(["--handout", str(made)])
+    folder = tmp_path_factory.mktemp("elsewhere") / "student"
+    shutil.copytree(made, folder)
+    return folder
 
 
-def test_handout_of_a_number_that_is_not_there_is_refused(tmp_path, capsys):
-    assert "--exercises 9" in run_error(["--handout", str(tmp_path), "--exercises", "9"], capsys)
+def test_handout_holds_what_a_student_needs_and_no_answers(handout):
+    assert sorted(p.name for p in handout.iterdir()) == ["EXERCISES.md", "expected.pt", "mlsm.py", "pytest.ini",
+                                                          "test_exercises.py"]
+    src, sheet = (handout / "mlsm.py").read_text(), (handout / "EXERCISES.md").read_text()
+    for n in mlsm.EXERCISES:
+        assert f'raise NotImplementedError("exercise {n}: ' in src and f"| {n} |" in sheet
+    assert "F.kl_div" not in src + (handout / "test_exercises.py").read_text()
+    assert not re.search(r"\d\.\d\d", sheet), "the sheet holds no measured numbers"
+    assert "week" in sheet.lower() and "points" in sheet
+
+
+def test_blank_handout_fails_every_exercise_in_a_few_lines_and_the_reference_passes(handout, tmp_path):
+    status, out, outcomes = student_pytest(handout)
+    assert status == 1 and outcomes == {n: False for n in mlsm.EXERCISES}
+    assert len(re.findall(r"^E .* is not written yet$", out, re.M)) == len(mlsm.EXERCISES)
+    assert len(out.splitlines()) < 8 * len(mlsm.EXERCISES)  # a few lines an exercise
+    full = tmp_path / "full"
+    shutil.copytree(handout, full)
+    shutil.copy(mlsm.__file__, full / "mlsm.py")  # the reference bodies pasted back
+    status, out, outcomes = student_pytest(full)
+    assert status == 0 and outcomes == {n: True for n in mlsm.EXERCISES}, out[-3000:]
+
+
+def test_partial_handout_by_number_and_name(tmp_path):
+    mlsm.main(["--handout", str(tmp_path), "--exercises", "2,concept_kl"])
+    src = (tmp_path / "mlsm.py").read_text()
+    assert re.findall(r'raise NotImplementedError\("exercise (\d+):', src) == ["2", "5"]
+    assert student_pytest(tmp_path)[2] == {2: False, 5: False}  # the checks of the exercises handed out
+
+
+def test_unknown_exercise_is_refused_with_the_list(tmp_path, capsys):
+    err = run_error(["--handout", str(tmp_path), "--exercises", "12"], capsys)
+    assert "--exercises 12" in err and "5 concept_kl" in err
+
+
+MISTAKES = [  # (exercise, the reference's line, a student's mistake, what the check says)
+    (5, "return kl.mean()", "return kl.mean() / logq.shape[-1]", "not over the concepts too"),
+    (5, "return kl.mean()", "return kl[target.sum(-1) > 0].mean()", "still counts in M"),
+    (5, "kl = (torch.xlogy(target, target) - target * logq).sum(-1)",
+     "kl = (target * (target.log() - logq)).sum(-1)", "0 log 0"),
+    (6, "pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1",
+     "pos = torch.rand(B, T - 2, device=ids.device).argsort(1)[:, :m] + 1", "generator=gen"),
+    (6, "pos = torch.rand(B, T - 2, generator=gen, device=ids.device).argsort(1)[:, :m] + 1",
+     "pos = torch.rand(B, T, generator=gen, device=ids.device).argsort(1)[:, :m]", "[CLS] and [SEP] are never masked"),
+    (2, "G, b = D @ D.T, D @ x - lam", "G, b = D @ D.T, D @ x + lam", "the sign of lam"),
+    (4, "return A / mass.clamp(min=1e-12), mass.squeeze(-1) > 0", "return A / mass, mass.squeeze(-1) > 0",
+     "keep its row zero"),
+    (7, "loss = loss + cfg.mlm_weight * mlm_loss", "loss = loss + 0 * mlm_loss", "add mlm_weight times L_MLM"),
+    (8, "head.weight.zero_()", "head.weight.mul_(1)", "W = 0"),
+    (1, "return F.normalize(h - mean, dim=-1)", "return F.normalize(h, dim=-1)", "subtract the mean"),
+    (11, "logits = self.source.mlm_logits(self.source(ids, pos=pos))",
+     "logits = self.source.mlm_logits(self.source(ids.scatter(1, pos, MASK), pos=pos))", "unmasked rows"),
+]
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return mlsm.exercise_cases(mlsm)
+
+
+@pytest.mark.parametrize("n, right, wrong, diagnosis", MISTAKES)
+def test_checks_diagnose_common_mistakes(n, right, wrong, diagnosis, cases, tmp_path):
+    """A student's mistake fails its exercise's check, which says what it probably is -- in a few lines."""
+    src = Path(mlsm.__file__).read_text()
+    assert src.count(right) == 1
+    (tmp_path / "wrong.py").write_text(src.replace(right, wrong))
+    spec = importlib.util.spec_from_file_location(f"wrong{n}", tmp_path / "wrong.py")
+    wrong_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrong_module)
+    with pytest.raises(mlsm.ExerciseFailure) as e:
+        mlsm.check_exercise(n, wrong_module, cases)
+    assert diagnosis in str(e.value) and len(str(e.value).splitlines()) <= 3, str(e.value)
+    mlsm.check_exercise(n, mlsm, cases)  # the reference passes
+
+
+def test_reference_outputs_agree_with_independent_references(cases):
+    """The outputs the checks compare with are right: scikit-learn's codes, torch's KL and softmax."""
+    torch.testing.assert_close(cases[2]["out"], sklearn_codes(cases[2]["X"], cases[2]["D"]), atol=1e-5, rtol=0)
+    c = cases[5]
+    torch.testing.assert_close(c["out"], F.kl_div(F.log_softmax(c["logits"], -1), c["p"], reduction="batchmean"))
+    A, solved = cases[9]["out"]
+    assert solved.all() and relative_gap(mlsm.SparseCoder(cases[9]["D"], 0.05), cases[9]["X"], A,
+                                         sklearn_codes(cases[9]["X"], cases[9]["D"]).float()).abs().max() < 1e-5
+
+
+def test_grading_prints_one_row_a_student(handout, tmp_path, capsys):
+    shutil.copy(mlsm.__file__, tmp_path / "alice.py")
+    shutil.copytree(handout, tmp_path / "bob")
+    mlsm.main(["--grade", f"{tmp_path}/alice.py,{tmp_path}/bob"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[1:-1] == [str(n) for n in mlsm.EXERCISES]  # exercise order
+    total = sum(p for _, _, p, *_ in mlsm.SHEET)
+    assert lines[1].split()[1:] == ["pass"] * len(mlsm.EXERCISES) + [f"{total}/{total}"] and "alice" in lines[1]
+    assert lines[2].split()[1:] == ["fail"] * len(mlsm.EXERCISES) + [f"0/{total}"] and "bob" in lines[2]
+
+
+def test_reference_coder_is_active_set_one_for_every_state():
+    X, D = anisotropic_problem(30, 24, 16, 2)
+    A, solved = mlsm.ReferenceCoder(D, 0.05).encode(X)
+    assert solved.all() and torch.equal(A[3], mlsm.active_set_one(X[3], D, 0.05))
+    torch.testing.assert_close(A, mlsm.SparseCoder(D, 0.05).encode(X)[0], atol=1e-5, rtol=0)
+
+
+def test_distillation_control_teaches_the_teachers_token_distribution(grammar_corpus, tmp_path):
+    """--targets tokens: at each masked position the student's V-way "concept" head learns softmax of the
+    teacher's token logits on the unmasked row; the run goes through the head and the report."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    teacher, rows = mlsm.freeze(mlsm.build_encoder(cfg, 300)), random_rows(100)
+    ids, _, pos = mlsm.get_batch(rows, cfg, 2, 0, torch.device("cpu"))
+    p, _ = mlsm.TokenTargets(teacher)(ids, pos)
+    torch.testing.assert_close(p, F.softmax(teacher.mlm_logits(mlsm.at(teacher(ids), pos)), -1), atol=1e-6, rtol=0)
+    r = mlsm.main(tiny_args(grammar_corpus, tmp_path, "--targets", "tokens", "--student_steps", "20",
+                            "--head_steps", "5", "--no-baseline"))
+    V = mlsm.Tokenizer.load(tmp_path / "tokenizer.json").vocab_size
+    assert torch.load(tmp_path / "head.pt")["model"]["weight"].shape == (V, V) and "MLSM student + head" in r["models"]
+
+
+def test_coder_reference_drives_a_run(grammar_corpus, tmp_path):
+    r = mlsm.main(tiny_args(grammar_corpus, tmp_path, "--coder", "reference", "--student_steps", "10",
+                            "--head_steps", "5", "--no-baseline", "--dict_tokens", "1000"))
+    assert r["student_unsolved_codes"] == 0 and r["config"]["coder"] == "reference"
+
+
+def test_handout_blanks_only_the_exercise_bodies(handout):
+    """Every signature and docstring, and everything outside the exercises, as in mlsm.py."""
+    reference, copy = Path(mlsm.__file__).read_text(), (handout / "mlsm.py").read_text()
+    defs = [{(n.name, ast.unparse(n.args) if isinstance(n, ast.FunctionDef) else "", ast.get_docstring(n))
+             for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            for src in (reference, copy)]
+    assert defs[0] == defs[1]
+    assert [mlsm.EXERCISE.sub("", src) for src in (reference, copy)] == [mlsm.EXERCISE.sub("", reference)] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy preset
+# ---------------------------------------------------------------------------------------------
 
 
 def test_toy_preset_makes_its_language_where_it_is_missing(tmp_path, monkeypatch):
@@ -1822,7 +1933,8 @@ def test_readme_map_of_the_file_matches_it():
     lines = (ROOT / "mlsm.py").read_text().split("\n")[:-1]
     starts = [1] + [i + 1 for i, line in enumerate(lines) if line.startswith("# === ")]
     ends = [s - 1 for s in starts[1:]] + [len(lines)]
-    defs = {n.name: n.lineno for n in ast.parse("\n".join(lines)).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs = {n.name: n.lineno for n in ast.parse("\n".join(lines)).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| (\d+)–(\d+) \| (.*)$", readme.split("## A map of `mlsm.py`")[1].split("\n## ")[0], re.M)
     assert [(int(a), int(b)) for a, b, _ in rows] == list(zip(starts, ends))
