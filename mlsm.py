@@ -166,9 +166,9 @@ class Config:
     bench: bool = option(False, "measure the speed of every stage instead of training -> bench.json in --out")
     handout: str = option("", "write a student's folder: mlsm.py with the exercises left to write, their checks, "
                           "the sheet EXERCISES.md")
-    exercises: str = option("", "--handout: comma-separated exercises to leave out, by number or name ('': all): "
-                            "1 normalise_states, 2 active_set_one, 3 fista, 4 code_distribution, 5 concept_kl, "
-                            "6 mask_tokens, 7 student_loss, 8 make_head (week 1); 9 SparseCoder, "
+    exercises: str = option("", "--handout: comma-separated exercises to leave out, by number or name, or week1 / "
+                            "week2 ('': all): 1 normalise_states, 2 active_set_one, 3 fista, 4 code_distribution, "
+                            "5 concept_kl, 6 mask_tokens, 7 student_loss, 8 make_head (week 1); 9 SparseCoder, "
                             "10 pseudo_log_likelihoods, 11 TokenTargets (week 2)")
     grade: str = option("", "check students' copies (each a mlsm.py or a folder holding one; comma-separated, globs "
                         "allowed) against every exercise: one row a student")
@@ -1454,12 +1454,15 @@ def run(cfg):
 
 def score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, student, head, device):
     """Dev loss and accuracy, and minimal pairs, of every model that predicts tokens (None: not trained).
-    -> {model name: numbers}; the student alone predicts concepts, unless trained with the joint loss."""
+    -> {model name: numbers}; the student alone predicts concepts (unless trained with the joint loss or taught
+    tokens)."""
     scorers = {"unigram": unigram_scorer(train_rows, tok.vocab_size, device)}
     for name, model in [("teacher (MLM)", teacher), ("MLM baseline", baseline)]:
         if model is not None:
             scorers[name] = mlm_scorer(model)
     scorers["MLSM student"] = mlm_scorer(student) if cfg.mlm_weight else None  # without tokens: fine-tuned all the same
+    if cfg.targets == "tokens":  # the distilled student's V "concepts" are the tokens: it scores them itself
+        scorers["MLSM student"] = lambda ids, keep, pos: student.concept_logits(student(ids, keep, pos=pos))
     scorers["MLSM student + head"] = head_scorer(student, head)
     models = {}
     for name, token_logits in scorers.items():
@@ -2154,30 +2157,33 @@ EXERCISE = re.compile(r"^( *)# BEGIN EXERCISE (\d+): (.*?)\n(.*?)(^ *# END EXERC
 EXERCISES = {1: "normalise_states", 2: "active_set_one", 3: "fista", 4: "code_distribution", 5: "concept_kl",
              6: "mask_tokens", 7: "student_loss", 8: "make_head", 9: "SparseCoder", 10: "pseudo_log_likelihoods",
              11: "TokenTargets"}
-# (exercise, week, points, the experiment on the toy preset, what to read in its output, the question to answer)
+# (exercise, week, points, the options of its toy runs, what to read in their output, the question to answer)
 SHEET = [
-    (1, 1, 5, "--no-center", "`dictionary:` non-zeros and error; the word-class AMIs",
+    (1, 1, 5, ["--no-center"], "`dictionary:` non-zeros and error; the word-class AMIs",
      "What does centring change on the toy language? Why would it matter more for a real teacher's states?"),
-    (2, 1, 15, "--coder reference (your coder codes every target), then --coder_rounds 4",
-     "the AMIs, student + head; with 4 rounds: the unsolved targets",
+    (2, 1, 15, ["--coder reference", "--coder_rounds 4"],
+     "with `--coder reference` your coder codes every target: the AMIs, student + head; with 4 rounds: the "
+     "unsolved targets",
      "How do the results of your coder compare with the batched one's? What do unfinished codes cost the student?"),
-    (3, 1, 10, "--coder fista", "the FISTA codes that fail the optimality test; the AMIs; student + head",
+    (3, 1, 10, ["--coder fista"], "the FISTA codes that fail the optimality test; the AMIs; student + head",
      "Most FISTA codes are not optimal: does the student notice? When would it?"),
-    (4, 1, 5, "--lam 0.2", "`dictionary:` non-zeros; the AMIs",
+    (4, 1, 5, ["--lam 0.2"], "`dictionary:` non-zeros; the AMIs",
      "What does a sparser code keep, and what does it lose?"),
-    (5, 1, 10, "--student_steps 0", "the student's AMI; student + head", "What does the untrained student's row show?"),
-    (6, 1, 10, "--mask_rate 0.4", "teacher, MLM baseline and student + head in nats under unigram",
+    (5, 1, 10, ["--student_steps 0"], "the student's AMI; student + head",
+     "What does the untrained student's row show?"),
+    (6, 1, 10, ["--mask_rate 0.4"], "teacher, MLM baseline and student + head in nats under unigram",
      "Who gains from more masking per step, and who loses?"),
-    (7, 1, 5, "--mlm_weight 1", "student + head, the student's own token head, the baseline",
+    (7, 1, 5, ["--mlm_weight 1"], "student + head, the student's own token head, the baseline",
      "What does the joint loss buy this student, and what does it cost its concepts?"),
-    (8, 1, 5, "write `return nn.Linear(cfg.n_concepts, vocab_size)` instead, and run again",
-     "the first points of the student + head learning curve", "Why does the head start where it does?"),
-    (9, 2, 25, "--coder_rounds 16, then 80", "the unsolved targets; the student's AMI",
+    (8, 1, 5, [""], "with `make_head` changed to `return nn.Linear(cfg.n_concepts, vocab_size)`: the first "
+     "points of the student + head learning curve", "Why does the head start where it does?"),
+    (9, 2, 25, ["--coder_rounds 16", "--coder_rounds 80"], "the unsolved targets; the student's AMI",
      "How many rounds do the toy's codes need, and why does a GPU run all of them?"),
-    (10, 2, 15, "--pll original", "the minimal pairs (agreement) of every model",
+    (10, 2, 15, ["--pll original"], "the minimal pairs (agreement) of every model",
      "When can a word's own pieces give it away, and does word_l2r change the toy's scores?"),
-    (11, 2, 15, "--targets tokens, beside the toy preset as it is",
-     "AMI, student + head, minimal pairs of both runs", "Is MLSM more than distillation of the teacher's tokens?"),
+    (11, 2, 15, ["--targets tokens", ""],
+     "student + head, and the distilled student's own token predictions (its row); minimal pairs; the AMIs",
+     "Is MLSM more than distillation of the teacher's tokens?"),
 ]
 
 class ExerciseFailure(AssertionError):
@@ -2250,7 +2256,7 @@ def exercise_cases(m):
     ids, x, pos = m.get_batch(rows, cfg, m.STUDENT_BATCHES, 0, torch.device("cpu"))
     with torch.no_grad():
         hs, p = model(x, pos=pos), m.code_distribution(torch.rand(len(pos.flatten()), 16, generator=g))[0]
-        tok = m.Tokenizer.train(["the dog runs", "the dogs run", "a cat sleeps"] * 20, 300)
+        tok = m.Tokenizer([])  # bytes alone: every word in pieces, so that the two variants differ
         sentences = ["the dogs run", "a cat sleeps", "the cat runs away"]
         pll = {flag: m.pseudo_log_likelihoods(m.mlm_scorer(model.eval()), tok, sentences, cfg, "cpu", flag)
                for flag in (True, False)}
@@ -2344,7 +2350,9 @@ def check_model_exercise(n, m, c, cfg):
         model.load_state_dict(c["state"])
         for flag, expected in c["out"].items():
             compare(f"pseudo-log-likelihoods ({'word_l2r' if flag else 'original'})", m.pseudo_log_likelihoods(
-                m.mlm_scorer(model), tok, c["sentences"], cfg, "cpu", flag), expected, atol=1e-4)
+                m.mlm_scorer(model), tok, c["sentences"], cfg, "cpu", flag), expected, atol=1e-4, causes=[
+                (lambda r: flag and np.allclose(r, c["out"][False], atol=1e-4), "word_l2r also hides the later "
+                                                                              "pieces of the scored token's word")])
     elif n == 11:
         model = m.build_encoder(cfg, 300, 16).eval()
         model.load_state_dict(c["state"])
@@ -2355,14 +2363,15 @@ def check_model_exercise(n, m, c, cfg):
                          "a distribution: softmax of the token logits")])
 
 def exercise_numbers(items):
-    """--exercises '2,concept_kl' -> {2, 5}; '' -> every exercise."""
-    names = {name: n for n, name in EXERCISES.items()}
+    """--exercises '2,concept_kl' -> {2, 5}; 'week2' -> {9, 10, 11}; '' -> every exercise."""
+    names = {key: {n} for n, name in EXERCISES.items() for key in (str(n), name)}
+    names |= {f"week{w}": {n for n, week, *_ in SHEET if week == w} for w in (1, 2)}
     chosen = set()
     for item in filter(None, (i.strip() for i in items.split(","))):
-        if item not in names and not (item.isdigit() and int(item) in EXERCISES):
+        if item not in names:
             listed = ", ".join(f"{n} {name}" for n, name in EXERCISES.items())
-            raise UserError(f"--exercises {item}: the exercises are {listed}")
-        chosen.add(names.get(item) or int(item))
+            raise UserError(f"--exercises {item}: the exercises are {listed}; week1 is 1-8, week2 9-11")
+        chosen |= names[item]
     return chosen or set(EXERCISES)
 
 def write_handout(folder, exercises=""):
@@ -2388,8 +2397,11 @@ def write_handout(folder, exercises=""):
         'CASES = torch.load(Path(__file__).parent / "expected.pt", weights_only=False)\n\n\n'
         f"@pytest.mark.parametrize(\"n\", {sorted(chosen)}, ids=lambda n: f\"exercise{{n}}\")\n"
         "def test_exercise(n):\n    mlsm.check_exercise(n, mlsm, CASES)\n")
-    rows = [f"| {n} | {w} | {pts} | `{EXERCISES[n]}` | `python mlsm.py --preset toy {run}` | {read} | {question} |"
-            for n, w, pts, run, read, question in SHEET if n in chosen]
+    runs = lambda n, options: ", then ".join(f"`python mlsm.py --preset toy {o} --out runs/ex{n}"
+                                           f"{'abc'[i] if len(options) > 1 else ''}`".replace("  ", " ")
+                                           for i, o in enumerate(options))
+    rows = [f"| {n} | {w} | {pts} | `{EXERCISES[n]}` | {runs(n, options)} | {read} | {question} |"
+            for n, w, pts, options, read, question in SHEET if n in chosen]
     (folder / "EXERCISES.md").write_text(SHEET_TEXT.format(table="\n".join(rows), first=min(chosen)))
     print(f"wrote {folder}: mlsm.py with exercises {', '.join(map(str, sorted(chosen)))} to write, their checks "
           f"(cd {folder} && python -m pytest -k exercise{min(chosen)}) and the sheet, EXERCISES.md")
@@ -2410,14 +2422,16 @@ says what it expected, what came back and, for a common mistake, what it probabl
 needs no other exercise; the pipeline runs once all of them are written.
 
 Then run the experiment of the exercise and answer its question in a few sentences, with the numbers you saw.
-Each run takes about 40 seconds on 2 CPU cores (longer on a shared machine; `--coder reference` and `--targets
-tokens` a few minutes); `--seed 1` and `--seed 2` show how much a number moves. Every run saves its work in
-`runs/toy` (`--out` to change it): a run with other options needs another `--out` (`--fresh` deletes the old
-one). To rerun only the student after changing its code, copy the folder of a finished run and delete
-`student.pt`, `head.pt`, `baseline.pt` and `results.json` in the copy: its teacher and dictionary are reused.
+Compare with the toy preset as it is, `python mlsm.py --preset toy` (saved in `runs/toy`). A run takes about
+40 seconds on 2 CPU cores (longer on a shared machine; `--coder reference` a few minutes); `--seed 1` and
+`--seed 2` show how much a number moves. Each command below saves its work in its own `--out` folder (a
+folder holds one configuration; `--fresh` deletes what it holds). To rerun only the student after changing its
+code, copy the folder of a finished run and delete `student.pt`, `head.pt`, `baseline.pt` and `results.json`
+in the copy: its teacher and dictionary are reused.
 
 Hand in your `mlsm.py` and your answers. Week 1: exercises 1-8; week 2: 9-11 (harder: the batched coder's two
-moves, the scores of minimal pairs, and a control experiment).
+moves, the scores of minimal pairs, and a control experiment). The runs need every exercise in this folder
+written: the pipeline calls them all.
 
 | # | week | points | write | then run | read | answer |
 |---|---|---|---|---|---|---|

@@ -13,6 +13,7 @@ import http.server
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import re
@@ -1796,6 +1797,7 @@ def test_partial_handout_by_number_and_name(tmp_path):
     src = (tmp_path / "mlsm.py").read_text()
     assert re.findall(r'raise NotImplementedError\("exercise (\d+):', src) == ["2", "5"]
     assert student_pytest(tmp_path)[2] == {2: False, 5: False}  # the checks of the exercises handed out
+    assert mlsm.exercise_numbers("week2") == {9, 10, 11} and mlsm.exercise_numbers("week1,11") == {*range(1, 9), 11}
 
 
 def test_unknown_exercise_is_refused_with_the_list(tmp_path, capsys):
@@ -1818,6 +1820,8 @@ MISTAKES = [  # (exercise, the reference's line, a student's mistake, what the c
     (7, "loss = loss + cfg.mlm_weight * mlm_loss", "loss = loss + 0 * mlm_loss", "add mlm_weight times L_MLM"),
     (8, "head.weight.zero_()", "head.weight.mul_(1)", "W = 0"),
     (1, "return F.normalize(h - mean, dim=-1)", "return F.normalize(h, dim=-1)", "subtract the mean"),
+    (10, "hide = later & (w == w[np.arange(len(chunk)), at_i][:, None]) if word_l2r else np.arange(T) == at_i[:, None]",
+     "hide = np.arange(T) == at_i[:, None]", "later pieces"),
     (11, "logits = self.source.mlm_logits(self.source(ids, pos=pos))",
      "logits = self.source.mlm_logits(self.source(ids.scatter(1, pos, MASK), pos=pos))", "unmasked rows"),
 ]
@@ -1884,6 +1888,7 @@ def test_distillation_control_teaches_the_teachers_token_distribution(grammar_co
                             "--head_steps", "5", "--no-baseline"))
     V = mlsm.Tokenizer.load(tmp_path / "tokenizer.json").vocab_size
     assert torch.load(tmp_path / "head.pt")["model"]["weight"].shape == (V, V) and "MLSM student + head" in r["models"]
+    assert math.isfinite(r["models"]["MLSM student"]["dev_loss"])  # its "concepts" are tokens: it scores them itself
 
 
 def test_coder_reference_drives_a_run(grammar_corpus, tmp_path):
