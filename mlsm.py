@@ -1351,11 +1351,11 @@ def print_table(results):
 def report(results):
     """The table, what its numbers are, the dictionary, the times, and the learning curves."""
     print_table(results)
-    models, c, tasks, fista = results["models"], results["config"], results["majority_class"], results["config"][
-        "coder"] == "fista"
+    models, c, tasks = results["models"], results["config"], results["majority_class"]
+    fista = c["coder"] == "fista"
     print(f"dev: masked tokens of the same {c['eval_rows']} dev rows for every model; minimal pairs: macro average "
-          f"over paradigms, ties count as wrong; fine-tuning: validation accuracy, mean ± std over "
-          f"{c['finetune_seeds']} seeds; " + ("MLSM rows also need the teacher and dictionary "
+          f"over paradigms, ties count as wrong; " + (f"fine-tuning: validation accuracy, mean ± std over "
+          f"{c['finetune_seeds']} seeds; " if tasks else "") + ("MLSM rows also need the teacher and dictionary "
           f"({results['mlsm_needs']['teacher and dictionary seconds'] / 60:.1f} min)" if c["teacher"] != "self" else
           "--teacher self: no teacher, the student's own dictionaries are part of its time"))
     for t in tasks:
