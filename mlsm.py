@@ -970,10 +970,12 @@ class SelfConcepts:
     --dict_file). Plain MLM until the first dictionary; every `every` steps a dictionary is learned, warm-started,
     from the student's states at every position of the masked rows of the steps just before, as in the original;
     from then on a step's targets are the codes of the student's own states at its masked positions.
-    The states (block teacher_layer) are read as a teacher's are: in fp32, without dropout, without gradient --
-    one more forward pass a step; the original takes them from its training forward pass. Ours also: the
-    original learns after and every 10,000 of its 100,000 updates, from its last 200 batches; our presets train
-    a few thousand steps, so the schedule is a share of them.
+    Where it differs from the original, and why: the states (block teacher_layer) are read as a teacher's are, in
+    fp32 and without dropout or gradient -- one more forward pass a step (the original codes those of its training
+    pass) -- so that a target does not depend on the step's dropout or autocast; they are centred (unless
+    --no-center) and coded exactly, as in the teacher mode (the original: uncentred, FISTA); and the original
+    learns after and every 10,000 of its 100,000 updates, from its last 200 batches, while our presets train a
+    few thousand steps, so the schedule is a share of them.
     subtle: state_dict() (dictionary and collected states) goes into the checkpoints, so a run resumes exactly."""
 
     def __init__(self, student, rows, cfg, device):

@@ -1683,7 +1683,7 @@ def test_zero_steps_still_report(grammar_corpus, tmp_path):
 def test_end_to_end_concepts_follow_word_classes(grammar_corpus, tmp_path):
     """--preset toy. An untrained teacher, unfinished codes or an untrained student fail the thresholds,
     which leave room for other CPUs and thread counts (seed 0 with 1-8 threads: AMI codes 0.59-0.64,
-    student 0.33-0.42); what breaking each stage does, over seeds, is in README.md (Exercises)."""
+    student 0.33-0.42); what breaking each stage does, over seeds, is in README.md (the teacher's key)."""
     results = mlsm.main(toy_args(grammar_corpus, tmp_path))
     teacher_ami, student_ami = results["word_class_ami"]["codes"], results["word_class_ami"]["student"]
     m = results["models"]
