@@ -32,7 +32,7 @@ Modeling (Findings of ACL 2023); Better Together: Jointly Using MLSM and MLM for
 (BabyLM 2023); Integrating Quasi-symbolic Conceptual Knowledge into Language Model Pre-training (BabyLM 2024).
 
 Run (times per stage are in README.md):
-  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~40 s
+  python mlsm.py --preset toy         # a generated language with known word classes: the whole pipeline, ~1 min
   python mlsm.py                      # laptop GPU, BabyLM strict-small (10M words, downloaded), ~50 min (estimate)
   python mlsm.py --preset cpu         # a CPU: 3M words of the same corpus, about 40 minutes on 2 cores
   torchrun --standalone --nproc_per_node=4 mlsm.py   # the same run on 4 GPUs
@@ -154,7 +154,7 @@ class Config:
     ckpt_every: int = option(500, "steps between resumable checkpoints")
     # the run
     preset: str = option("laptop", "laptop (GPU, 10M words, ~50 min), cpu (3M words, ~40 min on 2 cores), toy (a "
-                         "generated language with known word classes, ~40 s), tiny (smoke)",
+                         "generated language with known word classes, ~1 min), tiny (smoke)",
                          ["laptop", "cpu", "toy", "tiny"])
     out: str = option("", "run directory for every artifact; empty: runs/<preset>")
     fresh: bool = option(False, "delete this run's artifacts in --out and start again")
@@ -2425,7 +2425,7 @@ needs no other exercise; the pipeline runs once all of them are written.
 
 Then run the experiment of the exercise and answer its question in a few sentences, with the numbers you saw.
 Compare with the toy preset as it is, `python mlsm.py --preset toy` (saved in `runs/toy`). A run takes about
-40 seconds on 2 CPU cores (longer on a shared machine; `--coder reference` a few minutes); `--seed 1` and
+a minute on 2 CPU cores (longer on a shared machine; `--coder reference` a few minutes); `--seed 1` and
 `--seed 2` show how much a number moves. Each command below saves its work in its own `--out` folder (a
 folder holds one configuration; `--fresh` deletes what it holds). To rerun only the student after changing its
 code, copy the folder of a finished run and delete `student.pt`, `head.pt`, `baseline.pt` and `results.json`
