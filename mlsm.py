@@ -185,7 +185,7 @@ PRESETS = {
                 lr=2e-3, teacher_steps=1700, student_steps=1700, head_steps=800, head_lr=3e-4, n_concepts=1024,
                 dict_tokens=24_000, dict_jobs=1, eval_rows=1024, ckpt_every=100, blimp_pairs=50, curve_points=10,
                 curve_pairs=4, tasks="mrpc,rte", finetune_steps=100),
-    # The tiny model on a generated language whose word classes are known (toy_language, below run()).
+    # The tiny model on a generated language whose word classes are known (Machinery: the toy language).
     "toy": dict(TINY, data="data/toy", blimp="data/toy/pairs", n_concepts=32, teacher_steps=1600, student_steps=400,
                 head_steps=300),
     # Seconds, for smoke runs and tests.
@@ -193,9 +193,8 @@ PRESETS = {
 }
 
 # Fields that do not change any artifact, so a run directory may be reused when only they differ.
-RUN_ONLY = {"out", "fresh", "device", "dtype", "micro_batch", "compile", "bench", "handout", "exercises", "grade",
-            "log_every",
-            "ckpt_every", "blimp", "supplement", "finetune", "tasks", "finetune_steps", "finetune_lr", "finetune_seeds"}
+RUN_ONLY = set("out fresh device dtype micro_batch compile bench handout exercises grade log_every ckpt_every blimp "
+               "supplement finetune tasks finetune_steps finetune_lr finetune_seeds".split())
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line, without a traceback."""
@@ -316,8 +315,7 @@ def normalise_states(h, mean):
 def teacher_states(teacher, rows, cfg, n_tokens, device, seed):
     """Hidden states of `teacher_layer` for about n_tokens non-special tokens of random rows, unmasked
     input. -> (states (N, C) float32, token ids (N,)), on the CPU."""
-    per_row = cfg.seq_len - 2
-    n_rows = min(len(rows), math.ceil(n_tokens / per_row))
+    n_rows = min(len(rows), math.ceil(n_tokens / (cfg.seq_len - 2)))
     idx = np.sort(np.random.default_rng(seed).choice(len(rows), n_rows, replace=False))
     states, tokens = [], []
     for i in range(0, n_rows, cfg.batch_size):
@@ -843,7 +841,9 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
 def gradients(name, net, ddp, loss_fn, step, cfg, world, autocast, scaler):
     """The forward and backward passes of a step over this process's rows, --micro_batch rows at a time, with one
     all-reduce of the gradients under torchrun -> (loss, counters) of the step."""
-    loss, counters, chunks = 0.0, {}, micro_batches(cfg, world)
+    rows, size = cfg.batch_size // world, cfg.micro_batch or cfg.batch_size // world  # this process's, a chunk's
+    chunks = [(slice(i, i + size), min(size, rows - i) / rows) for i in range(0, rows, size)]  # [(rows, share)]
+    loss, counters = 0.0, {}
     try:
         for i, (part, share) in enumerate(chunks):
             with ddp.no_sync() if ddp and i < len(chunks) - 1 else contextlib.nullcontext():  # one all-reduce a step
@@ -853,17 +853,10 @@ def gradients(name, net, ddp, loss_fn, step, cfg, world, autocast, scaler):
             loss = loss + chunk_loss.detach() * share
             counters = {k: counters.get(k, 0) + v for k, v in chunk_counters.items()}
     except torch.OutOfMemoryError:
-        rows = cfg.batch_size // world
         raise UserError(f"{name}: out of GPU memory in a step of {rows} rows; run the same command with "
                         f"--micro_batch {max(1, rows // 4)} (the same training, that many rows at a time): it "
                         f"resumes from the last checkpoint") from None
     return loss, counters
-
-def micro_batches(cfg, world):
-    """This process's rows of a step, in chunks of --micro_batch -> [(slice of the rows, its share of them)]."""
-    rows = cfg.batch_size // world
-    n = cfg.micro_batch or rows
-    return [(slice(i, i + n), min(n, rows - i) / rows) for i in range(0, rows, n)]
 
 def add_counters(totals, counters, world):
     """Add a step's counters to the totals; under torchrun, those of the whole batch (one small all-reduce, no
@@ -877,9 +870,7 @@ def add_counters(totals, counters, world):
 
 def unsolved_share(totals):
     """{"unsolved": share} for the progress bar, once more than 1% of the targets so far had no exact code."""
-    if "unsolved_codes" not in totals:
-        return {}
-    share = float(totals["unsolved_codes"]) / max(1.0, float(totals["masked"]))
+    share = float(totals.get("unsolved_codes", 0)) / max(1.0, float(totals.get("masked", 0)))
     return {"unsolved": f"{share:.1%}"} if share > 0.01 else {}
 
 def train_or_load(name, model, loss_fn, steps, lr, cfg, out, device, curve=None):
@@ -1013,14 +1004,12 @@ class SelfConcepts:
     def relearn(self):
         """A dictionary from the collected states: learned on rank 0, sent to every process."""
         t0, H = time.time(), torch.cat(self.states)  # (N, C)
-        if shard()[0] == 0:
-            D, mean = learn_dictionary(H, self.cfg, self.D)
-        else:
-            D, mean = torch.empty(self.cfg.n_concepts, H.shape[1]), torch.empty(H.shape[1])
+        D, mean = learn_dictionary(H, self.cfg, self.D) if shard()[0] == 0 else \
+            (torch.empty(self.cfg.n_concepts, H.shape[1]), torch.empty(H.shape[1]))
         if dist.is_initialized():
             D, mean = D.to(self.device), mean.to(self.device)
-            dist.broadcast(D, 0)
-            dist.broadcast(mean, 0)
+            for t in (D, mean):
+                dist.broadcast(t, 0)
         self.load_state_dict({"states": [], "D": D.cpu(), "mean": mean.cpu(),
                               "seconds": self.seconds + time.time() - t0})
 
@@ -1280,19 +1269,18 @@ def fingerprint(state):
     """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
     h = hashlib.sha256()
     for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
-def probe(models, cfg, tok, tasks, out, device):
-    """Fine-tune every model x task x seed, with identical settings; each result is cached in
-    finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
-    retrained model is probed anew. -> {task: {model: {"acc": {mean, std, runs}, "f1": ...}}}."""
+def probe(states, models, cfg, tok, tasks, out, device):
+    """Fine-tune every model {name: state dict} x task x seed, with identical settings, into models[name]: "finetune"
+    {task: {"acc": {mean, std, runs}, "f1": ...}} and "finetune_macro", the mean accuracy over tasks. Each result is
+    cached in finetune.json under a key that holds the model's fingerprint, so an interrupted probe resumes and a
+    retrained model is probed anew. -> models."""
     path = Path(out) / "finetune.json"
     done = load(path) if path.exists() else {}
-    summary = {}
     for task, (train_pairs, valid_pairs) in tasks.items():
-        for model_name, state in models.items():
+        for model_name, state in states.items():
             weights, runs = fingerprint(state), []
             for seed in range(cfg.finetune_seeds):
                 key = f"{task}/{weights}/{seed}/{cfg.finetune_steps}/{cfg.finetune_lr}"
@@ -1301,10 +1289,12 @@ def probe(models, cfg, tok, tasks, out, device):
                                          f"finetune_{task}_{weights}_{seed}", out, device)
                     save_json(path, done)
                 runs.append(done[key])
-            summary.setdefault(task, {})[model_name] = {
+            models.setdefault(model_name, {}).setdefault("finetune", {})[task] = {
                 m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
                     "runs": [r[m] for r in runs]} for m in runs[0]}
-    return summary
+    for name in states:
+        models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
+    return models
 
 MARKS = {"teacher": "T", "MLM baseline": "B", "MLSM student": "S", "MLSM student + head": "H"}
 
@@ -1443,7 +1433,8 @@ def run(cfg):
     times.update({"baseline": baseline_info["seconds"]} if cfg.baseline else {}, evaluation=time.time() - t0)
     if tasks:  # fine-tuning replaces the heads, so MLSM student and MLSM student + head are one model here
         t0 = time.time()
-        fine_tune_all({"MLM baseline": baseline, "MLSM student": student}, models, cfg, tok, tasks, out, device)
+        encoders = {"MLM baseline": baseline, "MLSM student": student}  # None: not trained
+        probe({k: e.state_dict() for k, e in encoders.items() if e is not None}, models, cfg, tok, tasks, out, device)
         times["finetune"] = time.time() - t0
     results = collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, student_info, head_info,
                               baseline_info)
@@ -1475,16 +1466,6 @@ def score_models(cfg, tok, train_rows, dev, pair_sets, teacher, baseline, studen
                 models[name][set_name] = minimal_pairs(token_logits, tok, pairs, cfg, device)
     return models
 
-def fine_tune_all(encoders, models, cfg, tok, tasks, out, device):
-    """Fine-tune each encoder (None: not trained) on every task; the scores go into models[name]["finetune"],
-    with their macro average over tasks of the mean accuracy over seeds."""
-    states = {name: model.state_dict() for name, model in encoders.items() if model is not None}
-    for task, per_model in probe(states, cfg, tok, tasks, out, device).items():
-        for name, r in per_model.items():
-            models[name].setdefault("finetune", {})[task] = r
-    for name in states:
-        models[name]["finetune_macro"] = float(np.mean([r["acc"]["mean"] for r in models[name]["finetune"].values()]))
-
 def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, student_info, head_info, baseline_info):
     """Everything the report shows, as saved in results.json; models gets each model's training seconds."""
     for name, seconds in [("teacher (MLM)", teacher_info["seconds"]), ("MLM baseline", baseline_info.get("seconds")),
@@ -1513,10 +1494,8 @@ def collect_results(cfg, models, dict_info, times, tasks, world, teacher_info, s
 # the toy language, the handout, the benchmark.
 # --- Files --------------------------------------------------------------------------------------------------------
 def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it into place.
-
-    subtle: os.replace is atomic, so after Ctrl-C or kill -9 `path` is either the old file or the
-    complete new one, never half-written; the fsync makes the rename safe on power loss too."""
+    """write(file) into a temporary file beside `path`, then rename it into place. subtle: os.replace is atomic, so
+    after Ctrl-C or kill -9 `path` is the old file or the whole new one; the fsync makes it so on power loss too."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -1572,9 +1551,7 @@ class Tokenizer:
         Incremental: pair counts are kept up to date by touching only the words that contain the
         merged pair, and a heap with lazy deletion finds the most frequent pair, so each merge
         costs time in proportion to the words it changes, not to the corpus."""
-        counts = Counter()
-        for text in texts:
-            counts.update(PRETOKEN.findall(text))
+        counts = Counter(w for text in texts for w in PRETOKEN.findall(text))
         words = [[N_SPECIAL + b for b in w.encode("utf-8", "surrogatepass")] for w in counts]
         freqs = list(counts.values())
         pairs, where = Counter(), defaultdict(set)  # pair -> count, pair -> indices of words
@@ -1679,30 +1656,19 @@ def read_corpus(cfg):
 
 def pack(ids, seq_len):
     """A token stream (N,) -> rows (N', T) = [CLS] + T-2 tokens + [SEP]; a tail too short for a row is dropped."""
-    body = seq_len - 2
-    n = len(ids) // body
-    rows = np.asarray(ids[: n * body]).reshape(n, body)  # (N', T-2)
-    cls = np.full((n, 1), CLS, rows.dtype)
-    sep = np.full((n, 1), SEP, rows.dtype)
-    return np.concatenate([cls, rows, sep], axis=1)  # (N', T)
+    n = len(ids) // (seq_len - 2)
+    rows = np.asarray(ids[: n * (seq_len - 2)]).reshape(n, seq_len - 2)  # (N', T-2)
+    return np.pad(rows, ((0, 0), (1, 1)), constant_values=(CLS, SEP))  # (N', T)
 
 def encode_corpus(cfg, tok, train_texts, dev_texts):
     """Texts -> (train rows, dev rows); without dev texts, the last dev_fraction of each (every source in both)."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32  # halves the cache on disk
-    train, dev = [], []
-    for i, text in enumerate(tqdm(train_texts + dev_texts, desc="encode")):
-        ids = np.array(tok.encode(text), dtype=dtype)
-        if i >= len(train_texts):
-            dev.append(ids)
-        elif dev_texts:
-            train.append(ids)
-        else:
-            cut = len(ids) - math.ceil(cfg.dev_fraction * len(ids))
-            train.append(ids[:cut])
-            dev.append(ids[cut:])
-    empty = np.zeros(0, dtype)
-    return (pack(np.concatenate(train or [empty]), cfg.seq_len),
-            pack(np.concatenate(dev or [empty]), cfg.seq_len))
+    ids = [np.array(tok.encode(text), dtype=dtype) for text in tqdm(train_texts + dev_texts, desc="encode")]
+    train, dev = ids[: len(train_texts)], ids[len(train_texts):]
+    if not dev_texts:
+        cuts = [len(a) - math.ceil(cfg.dev_fraction * len(a)) for a in train]
+        train, dev = [a[:c] for a, c in zip(train, cuts)], [a[c:] for a, c in zip(train, cuts)]
+    return tuple(pack(np.concatenate(part or [np.zeros(0, dtype)]), cfg.seq_len) for part in (train, dev))
 
 def make_rows(cfg, out):
     """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
@@ -1803,9 +1769,9 @@ def read_evaluation_data(cfg):
     return pair_sets, load_tasks(cfg.finetune, cfg.tasks) if cfg.finetune else {}
 
 # --- Downloads ----------------------------------------------------------------------------------------------------
-# The default data, downloaded when missing. BabyLM 2024 strict-small from OSF; BabyLM's evaluation data (on OSF
-# inside archives, osf.io/ryjfm) from a public copy pinned to one commit, each set checked by the SHA-256 of its
-# files' `sha256sum` listing.
+# The default data, downloaded when missing: BabyLM 2024 strict-small from OSF, checked by its MD5; BabyLM's
+# evaluation data (on OSF inside archives, osf.io/ryjfm) from a public copy pinned to one commit, BLiMP checked by
+# the SHA-256 of its files' `sha256sum` listing, each (Super)GLUE file by its git blob id.
 CORPUS_URL, CORPUS_MD5 = "https://osf.io/download/5mk3x/", "dc67e5d2db96ed4f76cb072e2504a18c"  # train_10M.zip
 EVAL_URL = ("https://raw.githubusercontent.com/moritzlad/BabyLM-Tiny/5d8931cb303862fda223979427a87eb97ce223d3/"
             "evaluation_data")
@@ -2086,10 +2052,7 @@ def warn_if_slow(cfg, n_params, device):
     if device.type != "cpu" or cfg.preset != "laptop" or shard()[0] > 0:
         return
     a = torch.randn(1024, 1024)
-    t0 = time.time()
-    for _ in range(4):
-        a @ a
-    flops = 4 * 2 * 1024 ** 3 / (time.time() - t0)
+    flops = 2 * 1024 ** 3 / wall(lambda: a @ a, device, 4)  # wall: Machinery, benchmark
     student = 1.3 + cfg.baseline  # a student step plus a teacher forward; the MLM baseline's step
     tokens = (cfg.teacher_steps + student * cfg.student_steps + 0.4 * cfg.head_steps) * cfg.batch_size * cfg.seq_len
     hours = 6 * n_params * tokens / (0.5 * flops) / 3600  # training ~ 6 FLOPs per parameter per token
@@ -2329,10 +2292,11 @@ def check_tensor_exercise(n, m, c):
         compare("codes", A, c["out"][0], atol=1e-4)
 
 def check_model_exercise(n, m, c, cfg):
-    """The exercises that need a model or a tokenizer: 7, 8, 10 and 11."""
-    if n == 7:
-        model = m.build_encoder(cfg, 300, 16)
+    """The exercises that need a model or a tokenizer: 7, 8, 10 and 11 (the model: its weights in the case)."""
+    model = m.build_encoder(cfg, 300, 16).eval()
+    if "state" in c:
         model.load_state_dict(c["state"])
+    if n == 7:
         real, m.concept_kl = m.concept_kl, lambda logits, p: c["kl"]  # exercise 7 needs no exercise 5
         try:
             for w, expected in c["out"].items():
@@ -2348,16 +2312,13 @@ def check_model_exercise(n, m, c, cfg):
             (lambda r: bool(r.isinf().any()), "add one to every count (a token never seen)"),
             (lambda r: bool((r > 0).all()), "the log of the frequencies")])
     elif n == 10:
-        model, tok = m.build_encoder(cfg, 300, 16).eval(), m.Tokenizer(c["merges"])
-        model.load_state_dict(c["state"])
+        tok = m.Tokenizer(c["merges"])
         for flag, expected in c["out"].items():
             compare(f"pseudo-log-likelihoods ({'word_l2r' if flag else 'original'})", m.pseudo_log_likelihoods(
                 m.mlm_scorer(model), tok, c["sentences"], cfg, "cpu", flag), expected, atol=1e-4, causes=[
                 (lambda r: flag and np.allclose(r, c["out"][False], atol=1e-4), "word_l2r also hides the later "
                                                                               "pieces of the scored token's word")])
     elif n == 11:
-        model = m.build_encoder(cfg, 300, 16).eval()
-        model.load_state_dict(c["state"])
         compare("the teacher's token distributions", m.TokenTargets(model)(c["ids"], c["pos"])[0], c["out"],
                 causes=[(lambda r: torch.allclose(r, c["masked"].double(), atol=1e-5),
                          "the teacher reads the unmasked rows"),
