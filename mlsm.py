@@ -2486,7 +2486,12 @@ def bench(cfg):
     # MFU against the peak of the dtype the steps' matmuls run in (a half-precision peak is far higher)
     r["step_peak_GFLOPs"] = r["matmul_GFLOPs"] if dtype == torch.float32 else matmul_peak(dtype, device)
     real = (out / "teacher.pt").exists() and (out / "dictionary.npz").exists()
-    tok, rows, dev_rows = bench_rows(cfg, out, real)
+    if real:
+        tok, rows, dev_rows = load_rows(cfg, out)
+    else:  # random tokens
+        rows = np.random.default_rng(0).integers(N_SPECIAL, cfg.vocab_size, (4096, cfg.seq_len))
+        rows[:, 0], rows[:, -1] = CLS, SEP
+        tok, dev_rows = None, rows[:512]
     V = tok.vocab_size if real else cfg.vocab_size
     r["states"] = f"trained teacher of {out}" if real else "untrained teacher, random tokens"
     ids, _, pos = get_batch(rows, cfg, STUDENT_BATCHES, 0, device)
@@ -2540,14 +2545,6 @@ def matmul_peak(dtype, device):
     """GFLOP/s of the best of three square matmuls: this machine's peak in dtype."""
     squares = [torch.randn(n, n, device=device, dtype=dtype) for n in (1024, 2048, 4096)]
     return max(2 * len(a) ** 3 / wall(lambda: a @ a, device, 3) / 1e9 for a in squares)
-
-def bench_rows(cfg, out, real):
-    """-> (tokenizer, train rows, dev rows) of the run in out, or random rows (tokenizer None)."""
-    if real:
-        return Tokenizer.load(out / "tokenizer.json"), load(out / "train_ids.npy"), load(out / "dev_ids.npy")
-    rows = np.random.default_rng(0).integers(N_SPECIAL, cfg.vocab_size, (4096, cfg.seq_len))
-    rows[:, 0], rows[:, -1] = CLS, SEP
-    return None, rows, rows[:512]
 
 def bench_text(r, cfg, teacher, tok, device):
     """The tokenizer's speed on --data, and minimal pairs scored per second by a trained teacher."""
