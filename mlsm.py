@@ -841,7 +841,8 @@ def train_loop(name, model, loss_fn, steps, lr, cfg, out, device, curve=None, pa
 def gradients(name, net, ddp, loss_fn, step, cfg, world, autocast, scaler):
     """The forward and backward passes of a step over this process's rows, --micro_batch rows at a time, with one
     all-reduce of the gradients under torchrun -> (loss, counters) of the step."""
-    rows, size = cfg.batch_size // world, cfg.micro_batch or cfg.batch_size // world  # this process's, a chunk's
+    rows = cfg.batch_size // world  # this process's rows of the step, in chunks of --micro_batch (0: one chunk)
+    size = cfg.micro_batch or rows
     chunks = [(slice(i, i + size), min(size, rows - i) / rows) for i in range(0, rows, size)]  # [(rows, share)]
     loss, counters = 0.0, {}
     try:
