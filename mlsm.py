@@ -1675,7 +1675,8 @@ def make_rows(cfg, out):
     """Stages 1-2, unless a run before made them: tokenizer.json, train_ids.npy and dev_ids.npy, and their times."""
     times = load(out / "times.json") if (out / "times.json").exists() else {}
     t0 = time.time()
-    texts = None if (out / "dev_ids.npy").exists() else read_corpus(cfg)  # (train texts, dev texts)
+    made = all((out / name).exists() for name in ("tokenizer.json", "train_ids.npy", "dev_ids.npy"))
+    texts = None if made else read_corpus(cfg)  # (train texts, dev texts): a file deleted by hand is made again
     if not (out / "tokenizer.json").exists():
         Tokenizer.train(texts[0], cfg.vocab_size).save(out / "tokenizer.json")
         times["tokenizer"] = time.time() - t0

@@ -1365,6 +1365,15 @@ def test_out_dir_of_another_config_is_refused(tiny_run, grammar_corpus, tmp_path
                                "--teacher_steps", "2", "--student_steps", "2", "--head_steps", "2"))
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "train_ids.npy", "dev_ids.npy"])
+def test_a_deleted_tokenizer_or_rows_are_made_again(tiny_run, grammar_corpus, tmp_path, name):
+    """Stages 1-2 are deterministic: a file of theirs deleted by hand comes back with the same bytes."""
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")
+    (run / name).unlink()
+    assert mlsm.main(tiny_args(grammar_corpus, run, *RUN))
+    assert (run / name).read_bytes() == (tiny_run[0] / name).read_bytes()
+
+
 @pytest.mark.parametrize("name", ["teacher.pt", "dictionary.npz", "train_ids.npy", "tokenizer.json"])
 def test_truncated_artifact_gets_clear_message(tiny_run, grammar_corpus, tmp_path, capsys, name):
     path = shutil.copytree(tiny_run[0], tmp_path / "run") / name
