@@ -1270,7 +1270,8 @@ def fingerprint(state):
     """A state dict -> a short hash of its names and weights: a cache key that changes with the model."""
     h = hashlib.sha256()
     for k, v in sorted(state.items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # apart: joining copies them
     return h.hexdigest()[:16]
 
 def probe(states, models, cfg, tok, tasks, out, device):
